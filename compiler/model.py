@@ -1,0 +1,70 @@
+"""`Model`: what flows through a pipeline — weights, structure, and where they came from.
+
+A model comes from one front-end: a PyTorch `nn.Module` (Hugging Face models keep their
+`config` and `tokenizer`) or an ONNX model (`onnx_ir.Model`). Passes read `module`/`onnx`, the
+graph IR (`graph()`, imported lazily and cached until the structure changes) and the groups.
+`history` records every pass that ran, with its stats and time, for the report.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class PassRecord:
+    name: str
+    modified: bool
+    seconds: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Model:
+    module: nn.Module | None = None  # torch front-end
+    onnx: Any = None  # onnx_ir.Model for the ONNX front-end
+    config: Any = None  # transformers.PretrainedConfig when the model is a Hugging Face model
+    tokenizer: Any = None
+    source: Path | None = None
+    source_format: str = "torch"  # hf | gguf | pt2 | pt | onnx | torch
+    history: list[PassRecord] = field(default_factory=list)
+    example_inputs: dict[str, Any] | None = None  # kwargs for forward/export when not an LLM
+
+    @property
+    def is_onnx(self) -> bool:
+        return self.onnx is not None
+
+    @property
+    def is_causal_lm(self) -> bool:
+        return self.module is not None and self.config is not None and hasattr(self.module, "lm_head")
+
+    def num_parameters(self) -> int:
+        if self.module is not None:
+            return sum(p.numel() for p in self.module.parameters())
+        return sum(int(v.const_value.size) for v in self.onnx.graph.initializers.values() if v.const_value is not None)
+
+    def clone(self) -> "Model":
+        """A deep copy of weights and structure; tokenizer and source are shared."""
+        return Model(
+            module=copy.deepcopy(self.module) if self.module is not None else None,
+            onnx=copy.deepcopy(self.onnx) if self.onnx is not None else None,
+            config=copy.deepcopy(self.config),
+            tokenizer=self.tokenizer,
+            source=self.source,
+            source_format=self.source_format,
+            history=list(self.history),
+            example_inputs=self.example_inputs,
+        )
+
+    def state_shapes(self) -> dict[str, torch.Size]:
+        if self.module is None:
+            return {n: tuple(v.shape) for n, v in self.onnx.graph.initializers.items()}
+        named = dict(self.module.named_parameters(remove_duplicate=False))
+        named.update(dict(self.module.named_buffers(remove_duplicate=False)))
+        return {n: t.shape for n, t in named.items()}
