@@ -1,0 +1,161 @@
+"""Torch ops for the 2:4 decode kernel (`sparse24_decode.cu`), each with a CPU reference beside it.
+
+    torch.ops.slimc.sparse24_linear(x, values, meta, bias) -> y     # y = x @ W^T + bias
+        x [..., K] fp16/bf16 (fp32 too on the reference path), values [N, K/2], meta [N, K/8] uint8
+        (the slimc-nm layout of compiler/sparse_format.py), bias [N] or None.
+
+On CPU (or wherever the extension is not built) the op runs `sparse24_linear_reference`: unpack the
+dense weight and multiply in float32. On CUDA it runs our kernel; the extension is compiled on first
+use with `torch.utils.cpp_extension.load_inline` (about a minute) into `cuda/_build/`. `available()`
+says whether it could be built; it never raises.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..compiler.sparse_format import unpack
+
+_HERE = Path(__file__).resolve().parent
+_BUILD_DIR = Path(os.environ.get("SLIMC_CUDA_BUILD", _HERE / "_build"))
+
+# The binding takes the stream as an integer so it needs no CUDA headers of its own.
+_BINDING = r"""
+#include <torch/extension.h>
+
+extern "C" int slimc_sparse24_decode(const void* x, const void* values, const void* meta, const void* bias, void* y,
+                                     void* ws, int tokens, int N, int K, int dtype, void* stream);
+extern "C" long long slimc_sparse24_workspace(int tokens, int N, int K);
+extern "C" const char* slimc_sparse24_error_string(int code);
+
+torch::Tensor sparse24_decode(torch::Tensor x, torch::Tensor values, torch::Tensor meta,
+                              c10::optional<torch::Tensor> bias, int64_t stream) {
+  TORCH_CHECK(x.is_cuda() && values.is_cuda() && meta.is_cuda(), "sparse24_decode: CUDA tensors expected");
+  TORCH_CHECK(x.dim() == 2 && values.dim() == 2 && meta.dim() == 2, "sparse24_decode: 2-D x, values, meta expected");
+  TORCH_CHECK(x.is_contiguous() && values.is_contiguous() && meta.is_contiguous(), "sparse24_decode: contiguous tensors expected");
+  TORCH_CHECK(x.scalar_type() == values.scalar_type(), "sparse24_decode: x and values must share a dtype");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "sparse24_decode: fp16 or bf16 expected");
+  TORCH_CHECK(meta.scalar_type() == at::kByte, "sparse24_decode: uint8 metadata expected");
+  const int64_t tokens = x.size(0), K = x.size(1), N = values.size(0);
+  TORCH_CHECK(K % 32 == 0, "sparse24_decode: K must be a multiple of 32");
+  TORCH_CHECK(values.size(1) * 2 == K && meta.size(0) == N && meta.size(1) * 8 == K, "sparse24_decode: shapes do not match K");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(values.data_ptr()) % 16 == 0, "sparse24_decode: values must be 16-byte aligned");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(meta.data_ptr()) % 4 == 0, "sparse24_decode: meta must be 4-byte aligned");
+  const void* bptr = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->is_cuda() && bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == x.scalar_type(),
+                "sparse24_decode: bias must be a contiguous [N] CUDA tensor of x's dtype");
+    bptr = bias->data_ptr();
+  }
+  auto y = torch::empty({tokens, N}, x.options());
+  const long long ws_elems = slimc_sparse24_workspace((int)tokens, (int)N, (int)K);
+  torch::Tensor ws;
+  if (ws_elems > 0) ws = torch::empty({ws_elems}, x.options().dtype(at::kFloat));
+  const int rc = slimc_sparse24_decode(x.data_ptr(), values.data_ptr(), meta.data_ptr(), bptr, y.data_ptr(),
+                                       ws_elems > 0 ? ws.data_ptr() : nullptr, (int)tokens, (int)N, (int)K,
+                                       x.scalar_type() == at::kHalf ? 0 : 1, reinterpret_cast<void*>(stream));
+  TORCH_CHECK(rc == 0, "sparse24_decode kernel failed: ", slimc_sparse24_error_string(rc));
+  return y;
+}
+"""
+
+_lock = threading.Lock()
+_ext = None
+_ext_error: str | None = None
+
+
+def _arch_flags() -> list[str]:
+    major, minor = torch.cuda.get_device_capability()
+    cc = f"{major}{minor}"
+    if cc == "90":  # Hopper: the arch-specific target (see HOPPER.md: the -gencode form)
+        return ["-gencode=arch=compute_90a,code=sm_90a"]
+    return [f"-gencode=arch=compute_{cc},code=sm_{cc}"]
+
+
+def extension(verbose: bool = False):
+    """The compiled extension, building it on first call; None if CUDA or a compiler is missing."""
+    global _ext, _ext_error
+    if _ext is not None or _ext_error is not None:
+        return _ext
+    with _lock:
+        if _ext is not None or _ext_error is not None:
+            return _ext
+        if not torch.cuda.is_available():
+            _ext_error = "CUDA is not available"
+            return None
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            _BUILD_DIR.mkdir(parents=True, exist_ok=True)
+            _ext = load_inline(
+                name="slimc_sparse24",
+                cpp_sources=[_BINDING],
+                cuda_sources=[(_HERE / "sparse24_decode.cu").read_text()],
+                functions=["sparse24_decode"],
+                extra_cflags=["-O3"],
+                extra_cuda_cflags=["-O3", "-std=c++17", *_arch_flags()],
+                build_directory=str(_BUILD_DIR),
+                verbose=verbose,
+            )
+        except Exception as e:  # noqa: BLE001 — no compiler / build failure: the reference path serves
+            _ext_error = f"{type(e).__name__}: {e}"
+    return _ext
+
+
+def available() -> bool:
+    """True when the CUDA kernel is built (or can be built) here."""
+    return extension() is not None
+
+
+def build_error() -> str | None:
+    """Why the extension is not available (None when it is, or before the first attempt)."""
+    return _ext_error
+
+
+def kernel_supports(x: torch.Tensor, values: torch.Tensor) -> bool:
+    """Shapes and dtypes the decode kernel handles (anything else takes the dense path)."""
+    k = x.shape[-1]
+    return (
+        x.is_cuda
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and values.dtype == x.dtype
+        and k % 32 == 0
+        and values.shape[1] * 2 == k
+    )
+
+
+def sparse24_linear_reference(
+    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """CPU reference: dense weight from the packed format, product in float32, result in x's dtype."""
+    k = values.shape[1] * 2
+    w = unpack(values, meta, 2, 4, k)
+    out = F.linear(x.to(torch.float32), w.to(torch.float32), None if bias is None else bias.to(torch.float32))
+    return out.to(x.dtype)
+
+
+@torch.library.custom_op("slimc::sparse24_linear", mutates_args=())
+def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x W^T + b with W 2:4-packed; the default (CPU) implementation is the reference."""
+    return sparse24_linear_reference(x, values, meta, bias)
+
+
+@sparse24_linear.register_kernel("cuda")
+def _sparse24_linear_cuda(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    ext = extension()
+    if ext is None or not kernel_supports(x, values):
+        return sparse24_linear_reference(x, values, meta, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = ext.sparse24_decode(x2, values.contiguous(), meta.contiguous(), bias, torch.cuda.current_stream(x.device).cuda_stream)
+    return y.reshape(*lead, values.shape[0])
+
+
+@sparse24_linear.register_fake
+def _sparse24_linear_fake(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
