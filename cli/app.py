@@ -1,0 +1,394 @@
+"""The `compress` command (also installed as `slimc`).
+
+    compress MODEL --recipe R [-o OUT] [--format hf|onnx|pt2|all] [--calib SOURCE] [--device D]
+             [--seed N] [--set pass.key=value ...] [--trust-pickle] [--config CFG] [--debug]
+    compress recipes                      # shipped recipes
+    compress inspect MODEL [--json]       # architecture, parameters, FLOPs/token, prunable groups
+    compress export MODEL --format onnx   # export alone, with the ONNX Runtime parity check
+    compress eval ...                     # perplexity (engineer D's cli/eval_cmd.py)
+
+`compress MODEL ...` is dispatched to the hidden-in-plain-sight `run` subcommand. Errors a user can
+cause print `error: <one line>` on stderr and exit with status 2 (a traceback only with --debug).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..compiler.errors import SlimcError
+
+app = typer.Typer(
+    name="compress",
+    help="slimc: compress a neural network with a recipe and write a verified checkpoint.\n\n"
+    "Usage: compress MODEL --recipe R [-o OUT]   (or a subcommand below)",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+SUBCOMMANDS = ("run", "recipes", "inspect", "export", "eval")
+EXIT_USER_ERROR = 2
+
+err_console = Console(stderr=True, highlight=False)
+
+
+def _quiet_libraries() -> None:
+    """transformers prints progress bars and hints while loading; the CLI shows its own progress."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def user_errors(debug: bool) -> Iterator[None]:
+    """SlimcError -> `error: <one line>` on stderr, exit 2; with --debug the traceback is kept."""
+    try:
+        yield
+    except SlimcError as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split())
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(EXIT_USER_ERROR) from None
+
+
+class Steps:
+    """A rich progress display: one line per step, with a spinner and the time it took."""
+
+    def __init__(self, enabled: bool = True):
+        self.progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+            console=err_console, transient=False, disable=not enabled,
+        )
+
+    def __enter__(self) -> "Steps":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    @contextlib.contextmanager
+    def step(self, label: str) -> Iterator[None]:
+        task = self.progress.add_task(label, total=1)
+        t0 = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            self.progress.update(task, description=f"[red]✗[/red] {label}")
+            raise
+        dt = time.perf_counter() - t0
+        if dt < 1.0:
+            self.progress.remove_task(task)  # only steps that take a while stay on screen
+        else:
+            self.progress.update(task, completed=1, description=f"[green]✓[/green] {label}")
+
+    def instrument(self, event: str, pass_name: str, model: Any) -> None:
+        """PassContext instrument: a progress line per pass."""
+        if event == "start":
+            self._pass_cm = self.step(f"pass {pass_name}")
+            self._pass_cm.__enter__()
+        elif event == "end" and getattr(self, "_pass_cm", None) is not None:
+            self._pass_cm.__exit__(None, None, None)
+            self._pass_cm = None
+
+
+def default_output(model_arg: str, suffix: str) -> Path:
+    """`<input>-<suffix>` beside the input; `./smollm2-<suffix>` for the alias."""
+    from ..compiler.loaders import ALIASES
+
+    if model_arg in ALIASES and not Path(model_arg).exists():
+        return Path.cwd() / f"{model_arg}-{suffix}"
+    p = Path(model_arg).expanduser().resolve()
+    stem = p.name if p.is_dir() else p.stem
+    return p.parent / f"{stem}-{suffix}"
+
+
+def _input_path(model_arg: str) -> Path:
+    from ..compiler.loaders import resolve_alias
+
+    return resolve_alias(model_arg).resolve()
+
+
+def _device(name: str) -> str:
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise SlimcError(f"--device {name}: not a torch device (use cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SlimcError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return str(dev)
+
+
+def _input_info(model: Any, path: Path) -> dict[str, Any]:
+    from ..compiler.report import path_bytes
+
+    return {"path": str(path), "format": model.source_format, "parameters": model.num_parameters(), "bytes": path_bytes(path)}
+
+
+def _summary(report: dict[str, Any], out: Path) -> None:
+    inp, outp = report["input"], report["output"]
+    kept = f" ({outp['parameters'] / inp['parameters']:.1%} kept)" if inp.get("parameters") else ""
+    typer.echo(f"wrote {out}")
+    typer.echo(f"  parameters: {inp.get('parameters', 0):,} -> {outp['parameters']:,}{kept}")
+    for fmt, v in report["verification"].items():
+        diff = v.get("max_abs_diff")
+        detail = f"max abs diff {diff:.3g} (tolerance {v.get('atol'):g})" if diff is not None else v.get("check", "")
+        typer.echo(f"  {fmt}: {'verified' if v.get('ok') else 'FAILED'}, {detail}")
+
+
+@app.command("run")
+def run_command(
+    model: str = typer.Argument(..., help="HF dir, .gguf, .pt2, .onnx, .pt, or the alias 'smollm2'"),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="shipped recipe name (see `compress recipes`) or a .yaml path"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="output directory [default: <input>-<recipe>]"),
+    format: str = typer.Option("hf", "--format", "-f", help="hf | onnx | pt2 | all"),
+    calib: str = typer.Option("pydoc", "--calib", help="calibration text: 'pydoc', a .txt or a .jsonl with a 'text' field"),
+    device: str = typer.Option("cpu", "--device", help="device the passes run on (emission runs on cpu)"),
+    seed: int = typer.Option(0, "--seed", help="random seed for calibration sampling"),
+    set_: list[str] = typer.Option([], "--set", help="override a recipe option: pass.key=value (repeatable)"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow loading a pickled nn.Module (runs code from the file)"),
+    config: Optional[str] = typer.Option(None, "--config", help="HF config dir/json for a .pt state dict"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Compress MODEL with a recipe and write a verified checkpoint to OUT."""
+    with user_errors(debug):
+        _run(model, recipe, output, format, calib, device, seed, set_, trust_pickle, config)
+
+
+def _run(model_arg: str, recipe_arg: str, output: Path | None, format: str, calib: str, device: str,
+         seed: int, overrides: list[str], trust_pickle: bool, config: str | None) -> None:
+    import torch
+
+    from ..compiler.atomic import check_output
+    from ..compiler.calibration import open_source
+    from ..compiler.emit import formats_for, save
+    from ..compiler.loaders import load
+    from ..compiler.pipeline import PassContext, PassManager
+    from ..compiler.recipes import load_recipe
+    from ..compiler.report import layer_widths
+
+    # everything that can be checked without loading the model is checked first
+    recipe = load_recipe(recipe_arg, overrides)
+    formats_for(format)
+    source = open_source(calib)  # cheap: the text is read only when a pass asks for windows
+    device = _device(device)
+    in_path = _input_path(model_arg)
+    out = check_output(output if output is not None else default_output(model_arg, recipe.name), [in_path])
+    _quiet_libraries()
+    torch.manual_seed(seed)
+    with Steps() as steps:
+        with steps.step(f"Loading {model_arg}"):
+            model = load(model_arg, trust_pickle=trust_pickle, config=config)
+        input_info = _input_info(model, in_path)
+        before = layer_widths(model)
+        ctx = PassContext(calibration=source, device=device, seed=seed, instruments=[steps.instrument], progress=steps.progress)
+        if model.module is not None and device != "cpu":
+            model.module.to(device)
+        model = PassManager(recipe.build()).run(model, ctx)
+        report = save(model, out, format=format, protect=[in_path], input_info=input_info,
+                      recipe=recipe.to_dict(), before_layers=before, step=steps.step)
+    _summary(report, out)
+
+
+@app.command("recipes")
+def recipes_command(debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
+    """List the shipped recipes."""
+    from ..compiler.recipes import load_recipe, shipped_recipes
+
+    with user_errors(debug):
+        table = Table(title="slimc recipes")
+        table.add_column("recipe", style="bold")
+        table.add_column("passes")
+        table.add_column("description")
+        for name in shipped_recipes():
+            r = load_recipe(name)
+            passes = ", ".join(f"{n}({', '.join(f'{k}={v}' for k, v in o.items())})" for n, o in r.passes)
+            table.add_row(name, passes, r.description)
+        Console(width=160).print(table)
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def llm_summary(model: Any) -> dict[str, Any]:
+    """Architecture numbers of a decoder LLM, read from its weights."""
+    from torch import nn
+
+    from ..compiler.llm import decoder_layers
+
+    views = decoder_layers(model)
+    linear = sum(m.in_features * m.out_features for m in model.module.modules() if isinstance(m, nn.Linear))
+    cfg = model.config
+    attn = sum(2 * 2 * v.num_heads * v.head_dim for v in views)  # QK^T and AV per token per context position
+    emb, head = model.module.get_input_embeddings(), model.module.get_output_embeddings()
+    return {
+        "layers": len(views),
+        "hidden_size": int(cfg.hidden_size),
+        "vocab_size": int(cfg.vocab_size),
+        "head_dim": views[0].head_dim if views else None,
+        "tied_embeddings": emb is not None and head is not None and emb.weight is head.weight,
+        "flops_per_token": 2 * linear,
+        "attention_flops_per_token_per_context_position": attn,
+        "per_layer": [
+            {"layer": v.index, "query_heads": v.num_heads, "kv_heads": v.num_kv_heads, "group_size": v.group_size,
+             "mlp_neurons": v.intermediate_size}
+            for v in views
+        ],
+        "groups": [
+            {"name": g.name, "role": g.role, "layer": g.layer, "size": g.size, "prunable": g.prunable}
+            for v in views for g in (v.kv_group, v.mlp_neuron)
+        ],
+    }
+
+
+def generic_groups(model: Any) -> list[dict[str, Any]] | None:
+    """Groups from engineer A's coupled-dimension analysis, when that module exists."""
+    if importlib.util.find_spec("slimc.compiler.analysis") is None:
+        return None
+    analysis = importlib.import_module("slimc.compiler.analysis")
+    if not hasattr(analysis, "find_groups"):
+        return None
+    groups = analysis.find_groups(model)
+    return [
+        {"name": g.name, "role": g.role, "layer": g.layer, "size": g.size, "prunable": g.prunable, "reason": g.reason}
+        for g in groups
+    ]
+
+
+def inspect_model(model: Any) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "path": str(model.source) if model.source else None,
+        "format": model.source_format,
+        "architecture": (
+            (getattr(model.config, "architectures", None) or [type(model.module).__name__])[0]
+            if model.module is not None else "onnx graph"
+        ),
+        "parameters": model.num_parameters(),
+    }
+    if model.is_causal_lm:
+        info["model_type"] = getattr(model.config, "model_type", None)
+        info.update(llm_summary(model))
+    else:
+        info["groups"] = generic_groups(model)
+    return info
+
+
+@app.command("inspect")
+def inspect_command(
+    model: str = typer.Argument(..., help="HF dir, .gguf, .pt2, .onnx, .pt, or 'smollm2'"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow loading a pickled nn.Module"),
+    config: Optional[str] = typer.Option(None, "--config", help="HF config dir/json for a .pt state dict"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Show a model's architecture, size, FLOPs per token and the prunable groups slimc finds."""
+    from ..compiler.loaders import load
+    from ..compiler.report import jsonable
+
+    with user_errors(debug):
+        _quiet_libraries()
+        info = jsonable(inspect_model(load(model, trust_pickle=trust_pickle, config=config)))
+        if as_json:
+            typer.echo(json.dumps(info, indent=2))
+            return
+        console = Console(width=140)
+        head = Table(show_header=False, title=f"{model}")
+        for key in ("architecture", "format", "parameters", "layers", "hidden_size", "vocab_size", "head_dim",
+                    "tied_embeddings", "flops_per_token", "attention_flops_per_token_per_context_position"):
+            if key in info:
+                value = info[key]
+                head.add_row(key, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value))
+        console.print(head)
+        if info.get("per_layer"):
+            t = Table(title="decoder layers (prunable units: KV groups, MLP neurons)")
+            for col in ("layer", "query heads", "KV heads (groups)", "q heads per group", "MLP neurons"):
+                t.add_column(col, justify="right")
+            for r in info["per_layer"]:
+                t.add_row(*(str(r[k]) for k in ("layer", "query_heads", "kv_heads", "group_size", "mlp_neurons")))
+            console.print(t)
+        elif info.get("groups"):
+            t = Table(title="prunable groups")
+            for col in ("group", "role", "size", "prunable"):
+                t.add_column(col)
+            for g in info["groups"]:
+                t.add_row(g["name"], g["role"], str(g["size"]), "yes" if g["prunable"] else f"no: {g.get('reason', '')}")
+            console.print(t)
+        elif info.get("groups") is None and not info.get("per_layer"):
+            console.print("groups: coupled-dimension analysis is not available for this model")
+
+
+# ---------------------------------------------------------------- export
+
+
+@app.command("export")
+def export_command(
+    model: str = typer.Argument(..., help="HF dir, .gguf, .pt2, .onnx, .pt, or 'smollm2'"),
+    format: str = typer.Option("onnx", "--format", "-f", help="onnx | pt2 | hf | all"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="output directory [default: <input>-<format>]"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow loading a pickled nn.Module"),
+    config: Optional[str] = typer.Option(None, "--config", help="HF config dir/json for a .pt state dict"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Export MODEL without compressing it (ONNX is checked against PyTorch in ONNX Runtime)."""
+    from ..compiler.atomic import check_output
+    from ..compiler.emit import formats_for, save
+    from ..compiler.loaders import load
+    from ..compiler.report import layer_widths
+
+    with user_errors(debug):
+        formats_for(format)
+        in_path = _input_path(model)
+        out = check_output(output if output is not None else default_output(model, format), [in_path])
+        _quiet_libraries()
+        with Steps() as steps:
+            with steps.step(f"Loading {model}"):
+                m = load(model, trust_pickle=trust_pickle, config=config)
+            report = save(m, out, format=format, protect=[in_path], input_info=_input_info(m, in_path),
+                          before_layers=layer_widths(m), step=steps.step)
+        _summary(report, out)
+
+
+def _register_eval() -> None:
+    """`compress eval` lives in engineer D's cli/eval_cmd.py; wire it in when it is there."""
+    if importlib.util.find_spec("slimc.cli.eval_cmd") is None:
+        return
+    eval_cmd = importlib.import_module("slimc.cli.eval_cmd")
+    app.command("eval")(eval_cmd.eval_command)
+
+
+_register_eval()
+
+
+def dispatch(argv: list[str]) -> list[str]:
+    """`compress MODEL ...` -> `compress run MODEL ...`; subcommands and --help pass through."""
+    if not argv:
+        return argv
+    first = argv[0]
+    if first in SUBCOMMANDS or first in ("--help", "-h"):
+        return argv
+    return ["run", *argv]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    app(args=dispatch(args), prog_name=Path(sys.argv[0]).name if argv is None else "compress")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""ONNX emitter: torch.onnx.export (dynamo, opset >= 18, dynamic batch and sequence) + ORT parity.
+
+An LLM is exported as `input_ids [batch, sequence] -> logits [batch, sequence, vocab]` (no KV cache).
+Other torch models are exported from `model.example_inputs` with a dynamic batch axis. After export
+ONNX Runtime runs the file on sample inputs of shapes other than the traced one, and the largest
+absolute / relative difference from PyTorch goes into the report; beyond tolerance (1e-3 absolute
+for LLM logits) the emission fails and nothing is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import SlimcError
+from .model import Model
+
+OPSET = 18
+LLM_ATOL = 1e-3
+ONNX_NAME = "model.onnx"
+
+
+class CausalLMLogits(nn.Module):
+    """`input_ids -> logits` without a KV cache: the graph ONNX and torch.export see."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.lm = module
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids, use_cache=False).logits
+
+
+def export_spec(model: Model) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, Any], list[dict[str, torch.Tensor]]]:
+    """(module to export, example kwargs, dynamic shapes, further sample inputs for parity)."""
+    if model.module is None:
+        raise SlimcError("this model has no PyTorch module to export")
+    if model.is_causal_lm:
+        vocab = int(model.config.vocab_size)
+        g = torch.Generator().manual_seed(0)
+        ids = lambda b, s: {"input_ids": torch.randint(0, vocab, (b, s), generator=g)}  # noqa: E731
+        batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("sequence", min=2, max=_max_len(model))
+        return CausalLMLogits(model.module).eval(), ids(2, 8), {"input_ids": {0: batch, 1: seq}}, [ids(1, 13), ids(3, 5)]
+    if not model.example_inputs:
+        raise SlimcError("export needs example inputs for a model that is not a causal LM (Model.example_inputs)")
+    example = {k: v for k, v in model.example_inputs.items()}
+    dynamic = {k: ({0: torch.export.Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() > 0 else None) for k, v in example.items()}
+    more = [{k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in example.items()}]
+    return model.module.eval(), example, dynamic, more
+
+
+def _max_len(model: Model) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+
+
+@contextlib.contextmanager
+def quiet():
+    """torch.onnx prints progress and warnings per step; the CLI shows its own progress."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def write_onnx(model: Model, out_dir: Path) -> Path:
+    """Export to out_dir/model.onnx (weights beside it when over protobuf's 2 GB)."""
+    path = out_dir / ONNX_NAME
+    if model.is_onnx:
+        import onnx_ir
+
+        onnx_ir.save(model.onnx, str(path))
+        return path
+    module, example, dynamic, _ = export_spec(model)
+    try:
+        with quiet(), torch.no_grad():
+            program = torch.onnx.export(
+                module, (), kwargs=example, dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic,
+                input_names=list(example), output_names=["logits"] if model.is_causal_lm else None,
+                verbose=False, report=False,
+            )
+            program.save(str(path))
+    except SlimcError:
+        raise
+    except Exception as e:  # noqa: BLE001 — exporter failures are many types; the model is the user's
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SlimcError(f"ONNX export failed ({type(e).__name__}: {first}); rerun with --debug for details") from e
+    return path
+
+
+def verify_onnx(model: Model, path: Path, atol: float | None = None) -> dict[str, Any]:
+    """Run ONNX Runtime on sample inputs and compare with PyTorch; fail beyond tolerance."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 — ORT raises its own exception types
+        raise SlimcError(f"ONNX Runtime cannot open the exported model: {str(e).strip().splitlines()[0]}") from e
+    if model.is_onnx:
+        return {"check": "ort session opens", "ok": True, "runtime": f"onnxruntime {ort.__version__}"}
+    module, example, _, more = export_spec(model)
+    atol = atol if atol is not None else (LLM_ATOL if model.is_causal_lm else None)
+    worst_abs, worst_rel, shapes = 0.0, 0.0, []
+    names = [i.name for i in session.get_inputs()]
+    for inputs in [example, *more]:
+        feeds = {n: inputs[n].cpu().numpy() for n in names}
+        got = session.run(None, feeds)[0]
+        with torch.no_grad():
+            ref = module(**inputs)
+        ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).detach().float().cpu().numpy()
+        if got.shape != ref.shape:
+            raise SlimcError(f"ONNX output shape {got.shape} differs from PyTorch {ref.shape}")
+        diff = float(np.abs(got - ref).max()) if ref.size else 0.0
+        scale = float(np.abs(ref).max()) if ref.size else 0.0
+        worst_abs = max(worst_abs, diff)
+        worst_rel = max(worst_rel, diff / scale if scale > 0 else 0.0)
+        shapes.append([list(v.shape) for v in inputs.values() if isinstance(v, torch.Tensor)])
+    limit = atol if atol is not None else 1e-3 * max(1.0, scale)
+    result = {
+        "check": "onnxruntime vs pytorch",
+        "runtime": f"onnxruntime {ort.__version__}",
+        "opset": OPSET,
+        "input_shapes": shapes,
+        "max_abs_diff": worst_abs,
+        "max_rel_diff": worst_rel,
+        "atol": limit,
+        "ok": worst_abs <= limit,
+    }
+    if not result["ok"]:
+        raise SlimcError(f"ONNX Runtime output differs from PyTorch by {worst_abs:.3g} (> {limit:g}); nothing was written")
+    return result
