@@ -1,0 +1,2 @@
+from . import identity
+from . import magnitude
