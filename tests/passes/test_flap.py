@@ -1,0 +1,266 @@
+"""FLAP: maths on tiny tensors, GQA unit costs, surgery exactness, compensation, SmolLM2 quality."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from slimc.compiler.errors import SlimcError
+from slimc.compiler.llm import decoder_layers
+from slimc.compiler.model import Model
+from slimc.compiler.pipeline import PassContext
+from slimc.compiler.recipes import load_recipe
+from slimc.compiler.surgery import apply_plan, mask_plan
+from slimc.passes import _flap_math as fm
+from slimc.passes.flap import Flap, FlapConfig, compensate, plan_flap
+
+
+def tiny_llama(layers: int = 3, kv: int = 2, heads: int = 4, head_dim: int = 16, hidden: int = 32, inter: int = 48, seed: int = 0) -> Model:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim)
+    return Model(module=LlamaForCausalLM(cfg).eval(), config=cfg)
+
+
+def calib(n: int = 16, seq: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 64, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def attn_mlp_params(model: Model) -> int:
+    return sum(p.numel() for v in decoder_layers(model) for path in (v.attn, v.mlp)
+               for n, p in model.module.get_submodule(path).named_parameters() if n.endswith("weight"))
+
+
+# ---- maths on tiny tensors ---------------------------------------------------------------------
+
+
+def test_metrics_on_a_hand_example():
+    w = torch.tensor([[1.0, -2.0, 0.0], [3.0, 0.0, -1.0]])
+    var = torch.tensor([0.5, 2.0, 4.0])
+    ms = torch.tensor([4.0, 9.0, 16.0])
+    torch.testing.assert_close(fm.channel_scores("ifv", w, var, ms), var.double())
+    torch.testing.assert_close(fm.channel_scores("wifv", w, var, ms), torch.tensor([5.0, 8.0, 4.0], dtype=torch.float64))
+    torch.testing.assert_close(fm.channel_scores("wifn", w, var, ms), torch.tensor([2.0 * 2, 1.0 * 3, 0.5 * 4], dtype=torch.float64))
+    with pytest.raises(ValueError):
+        fm.channel_scores("l2", w, var, ms)
+
+
+def test_standardize_and_unit_scores():
+    z = fm.standardize(torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64))
+    assert abs(float(z.mean())) < 1e-12 and abs(float(z.std()) - 1.0) < 1e-12
+    assert torch.equal(fm.standardize(torch.ones(4)), torch.zeros(4))
+    # unit score = mean of its channels' scores, not squared (reference issue #6)
+    s = torch.tensor([-1.0, -3.0, 2.0, 4.0])
+    torch.testing.assert_close(fm.unit_scores(s, torch.tensor([[0, 1], [2, 3]])), torch.tensor([-2.0, 3.0]))
+
+
+def test_select_global_weighs_units_by_cost_and_keeps_the_floor():
+    # one expensive unit (cost 10) with a middling score, cheap units (cost 1) around it
+    big = fm.UnitSet(0, "attn", torch.tensor([0.5, -5.0]), cost=10, min_keep=1)
+    small = fm.UnitSet(0, "mlp", torch.tensor([1.0, 0.9, 0.1, -1.0, -2.0]), cost=1, min_keep=1)
+    a, m = fm.select_global([big, small], keep_cost=13)
+    assert a.tolist() == [True, False]
+    assert m.tolist() == [True, True, True, False, False]  # 10 + 3 = 13
+    # floor: a set whose units all score low still keeps min_keep
+    low = fm.UnitSet(1, "attn", torch.tensor([-9.0, -8.0]), cost=10, min_keep=1)
+    masks = fm.select_global([low, small], keep_cost=2)
+    assert masks[0].tolist() == [False, True]
+    assert int(masks[0].sum()) * 10 + int(masks[1].sum()) >= 10
+
+
+def test_allocate_structures():
+    attn = [fm.UnitSet(i, "attn", torch.tensor([float(i), -float(i)]), cost=6) for i in range(2)]
+    mlp = [fm.UnitSet(i, "mlp", torch.arange(12, dtype=torch.float64) * (1 + i), cost=1) for i in range(2)]
+    a, m = fm.allocate(attn, mlp, 0.5, "UL-UM")
+    assert [int(x.sum()) for x in a] == [1, 1] and [int(x.sum()) for x in m] == [6, 6]
+    assert m[0][6:].all() and not m[0][:6].any()  # top-k by score
+    a, m = fm.allocate(attn, mlp, 0.5, "AL-AM")
+    kept = sum(int(x.sum()) * 6 for x in a) + sum(int(x.sum()) for x in m)
+    assert abs(kept - 24) <= 6  # within one unit's cost of (1 - p) * 48
+    # manual module ratio: attention keeps all, MLP carries the whole cut
+    a, m = fm.allocate(attn, mlp, 0.25, "AL-MM", attn_sparsity=0.0)
+    assert all(x.all() for x in a) and sum(int(x.sum()) for x in m) == 12
+    with pytest.raises(ValueError, match="cannot reach"):
+        fm.allocate(attn, mlp, 0.9, "UL-MM", attn_sparsity=0.0)
+
+
+def test_round_keep():
+    scores = torch.arange(20, dtype=torch.float64)
+    mask = torch.zeros(20, dtype=torch.bool)
+    mask[[19, 18, 17, 16, 15, 3]] = True  # 6 kept -> rounds to 8, adding the best removed
+    r = fm.round_keep(mask, scores, 8)
+    assert int(r.sum()) == 8 and r[[14, 13]].all() and r[3]
+    mask2 = torch.zeros(20, dtype=torch.bool)
+    mask2[[19, 18, 17]] = True  # 3 -> at least one multiple
+    assert int(fm.round_keep(mask2, scores, 8).sum()) == 8
+    assert torch.equal(fm.round_keep(mask, scores, 1), mask)
+
+
+def test_mean_bias_identity_on_random_data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 10, generator=g, dtype=torch.float64) * 2 + torch.linspace(-3, 3, 10, dtype=torch.float64)
+    w = torch.randn(4, 10, generator=g, dtype=torch.float64)
+    removed = torch.tensor([1, 4, 7])
+    kept = torch.tensor([0, 2, 3, 5, 6, 8, 9])
+    b = fm.mean_bias(w, x.mean(0), removed)
+    torch.testing.assert_close((x[:, kept] @ w[:, kept].T + b).mean(0), (x @ w.T).mean(0), rtol=1e-10, atol=1e-10)
+
+
+def test_lsq_compensation_keeps_the_mean_and_reconstructs_better():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2000, 4, generator=g, dtype=torch.float64)
+    mix = torch.randn(4, 10, generator=g, dtype=torch.float64)
+    x = base @ mix + 0.05 * torch.randn(2000, 10, generator=g, dtype=torch.float64) + 1.5  # correlated channels
+    w = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    removed, kept = torch.tensor([0, 3, 5]), torch.tensor([1, 2, 4, 6, 7, 8, 9])
+    mu = x.mean(0)
+    cov = (x - mu).T @ (x - mu) / x.shape[0]
+    w_k, b = fm.lsq_compensation(w, mu, cov, kept, removed, ridge=1e-6)
+    y = x @ w.T
+    y_lsq = x[:, kept] @ w_k.T + b
+    y_mean = x[:, kept] @ w[:, kept].T + fm.mean_bias(w, mu, removed)
+    torch.testing.assert_close(y_lsq.mean(0), y.mean(0), rtol=1e-9, atol=1e-9)
+    err_lsq = ((y_lsq - y) ** 2).mean()
+    err_mean = ((y_mean - y) ** 2).mean()
+    assert err_lsq < 0.05 * err_mean, (float(err_lsq), float(err_mean))
+
+
+# ---- GQA unit costs from real shapes --------------------------------------------------------------
+
+
+def _meta_llama(**cfg) -> Model:
+    config = LlamaConfig(**cfg)
+    with torch.device("meta"):
+        module = LlamaForCausalLM(config)
+    return Model(module=module, config=config)
+
+
+@pytest.mark.parametrize(
+    "cfg, kv_cost, neuron_cost",
+    [
+        # SmolLM2-135M: 9 q heads over 3 KV heads (G=3), head_dim 64, hidden 576 -> (2*3+2)*64*576
+        (dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=9, num_key_value_heads=3, head_dim=64), 294_912, 1_728),
+        # Llama-3-8B-like: 32 q heads over 8 KV heads (G=4), head_dim 128, hidden 4096 -> (2*4+2)*128*4096
+        (dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=8, head_dim=128), 5_242_880, 12_288),
+    ],
+)
+def test_gqa_unit_costs_match_hand_computed_values(cfg, kv_cost, neuron_cost):
+    model = _meta_llama(vocab_size=128, **cfg)
+    view = decoder_layers(model)[0]
+    shapes = model.state_shapes()
+    assert view.kv_group.numel_per_channel(shapes) == kv_cost
+    assert fm.kv_group_cost(view.group_size, view.head_dim, cfg["hidden_size"]) == kv_cost
+    assert view.mlp_neuron.numel_per_channel(shapes) == neuron_cost == fm.neuron_cost(cfg["hidden_size"])
+
+
+# ---- the pass on tiny models ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sparsity", [0.2, 0.5])
+@pytest.mark.parametrize("structure", ["AL-AM", "UL-UM", "AL-MM"])
+def test_achieved_fraction_hits_target_within_one_unit(sparsity, structure):
+    model = tiny_llama(layers=4, kv=4, heads=8, head_dim=8, hidden=32, inter=64)
+    before = attn_mlp_params(model)
+    res = Flap(sparsity=sparsity, structure=structure)(model, PassContext(calibration=calib()))
+    after = attn_mlp_params(model)
+    unit = max(fm.kv_group_cost(2, 8, 32), fm.neuron_cost(32))
+    assert abs((before - after) - sparsity * before) <= unit, (before, after)
+    assert res.stats["sparsity"] == pytest.approx((before - after) / before)
+    assert res.modified
+    for v in decoder_layers(model):  # GQA stays GQA: G query heads per kept KV head
+        assert v.group_size == 2 and v.num_kv_heads >= 1 and v.intermediate_size >= 1
+
+
+def test_mask_then_remove_is_exact():
+    model = tiny_llama()
+    cfg = FlapConfig(sparsity=0.4, compensation="lsq")
+    fp = plan_flap(model, calib(), cfg)
+    masked, removed = model.clone(), model.clone()
+    for m in (masked, removed):
+        compensate(m.module, fp.compensations)
+    mask_plan(masked.module, fp.plan)
+    apply_plan(removed.module, fp.plan)
+    ids = calib(2, 10, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(removed.module(ids).logits, masked.module(ids).logits, rtol=1e-5, atol=1e-5)
+    assert removed.num_parameters() < masked.num_parameters()
+
+
+@pytest.mark.parametrize("compensation", ["mean", "lsq"])
+def test_bias_compensation_keeps_layer_mean_output(compensation):
+    """Layer 0 sees the same inputs before and after pruning: its o_proj mean output is unchanged."""
+    dense = tiny_llama(seed=2)
+    pruned = dense.clone()
+    tokens = calib()
+    # UL-UM: every layer, layer 0 included, loses a share of its KV groups and neurons
+    Flap(sparsity=0.4, structure="UL-UM", compensation=compensation)(pruned, PassContext(calibration=tokens))
+    outs = {}
+    for name, m in (("dense", dense), ("pruned", pruned)):
+        seen = []
+        h = m.module.model.layers[0].self_attn.o_proj.register_forward_hook(lambda mod, a, o: seen.append(o.reshape(-1, o.shape[-1])))
+        with torch.no_grad():
+            m.module(input_ids=tokens, use_cache=False)
+        h.remove()
+        outs[name] = torch.cat(seen).double()
+    assert pruned.module.model.layers[0].self_attn.o_proj.bias is not None
+    torch.testing.assert_close(outs["pruned"].mean(0), outs["dense"].mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_no_bias_compensation_leaves_linears_without_bias():
+    model = tiny_llama()
+    Flap(sparsity=0.4, bias_compensation=False)(model, PassContext(calibration=calib()))
+    assert all(l.self_attn.o_proj.bias is None and l.mlp.down_proj.bias is None for l in model.module.model.layers)
+
+
+def test_floor_and_rounding():
+    model = tiny_llama(layers=2, inter=64)
+    res = Flap(sparsity=0.6, round_neurons_to=8)(model, PassContext(calibration=calib()))
+    for layer in res.stats["layers"]:
+        assert layer["kv_groups"] >= 1 and layer["neurons"] % 8 == 0 and layer["neurons"] >= 8
+
+
+def test_zero_sparsity_is_a_no_op():
+    model = tiny_llama()
+    n = model.num_parameters()
+    res = Flap(sparsity=0.0)(model, PassContext(calibration=calib()))
+    assert not res.modified and model.num_parameters() == n
+
+
+def test_config_validation_and_recipes():
+    with pytest.raises(ValueError):
+        FlapConfig(sparsity=1.0)
+    with pytest.raises(ValueError, match="lsq"):
+        FlapConfig(compensation="lsq", bias_compensation=False)
+    with pytest.raises(ValueError):
+        FlapConfig(metric="l1")
+    with pytest.raises(ValueError):
+        FlapConfig(bogus=1)
+    assert FlapConfig.model_validate(FlapConfig(sparsity=0.3).model_dump()) == FlapConfig(sparsity=0.3)
+    for name, p in (("flap-20", 0.2), ("flap-30", 0.3), ("flap-50", 0.5)):
+        (flap,) = load_recipe(name).build()
+        assert flap.config.sparsity == p and flap.config.samples == 128 and flap.config.seq_len == 128 and flap.config.seed == 0
+
+
+def test_model_without_tokenizer_or_calibration_is_a_slimc_error():
+    with pytest.raises(SlimcError, match="tokenizer"):
+        Flap(sparsity=0.2)(tiny_llama(), PassContext())
+
+
+# ---- SmolLM2 quality (slow) ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_flap_20_on_smollm2_keeps_perplexity():
+    from slimc.compiler.evaluation import heldout_tokens, perplexity
+    from slimc.compiler.loaders import load
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    model = load("smollm2")
+    res = Flap(**load_recipe("flap-20").passes[0][1])(model, PassContext())
+    assert abs(res.stats["sparsity"] - 0.2) < 0.01
+    ppl = perplexity(model, heldout_tokens(model.tokenizer), seq_len=512, max_windows=16)
+    # measured 2026-11-23: see BENCHMARKS_flap.md (dense 12.05, reference FLAP 17.08)
+    assert ppl < 17.1, ppl
