@@ -1,2 +1,3 @@
+from . import flap
 from . import identity
 from . import magnitude
