@@ -1,3 +1,4 @@
 from . import flap
 from . import identity
 from . import magnitude
+from . import nm
