@@ -1,0 +1,233 @@
+"""ONNX surgery contract: zeroed-then-removed equals masked, under ONNX Runtime, on exported models."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+import torch
+from torch import nn
+
+from slimc.compiler.errors import SlimcError
+from slimc.compiler.groups import Group, Role, Slice, block_index
+from slimc.compiler.import_onnx import import_onnx, load_onnx
+from slimc.compiler.onnx_roundtrip import export_onnx, feeds_for, perturb_parameters_, run_ort
+from slimc.compiler.surgery_onnx import apply_plan_onnx, mask_plan_onnx
+
+torch.set_num_threads(1)
+RTOL = 1e-5
+
+
+def _param(graph, module: str, op: str, index: int = 1) -> str:
+    """Initializer name of input `index` of the first `op` node in scope `module`."""
+    for n in graph.nodes:
+        if n.module == module and n.op == op:
+            return n.inputs[index].param
+    raise AssertionError(f"no {op} in {module}: {[(n.module, n.op) for n in graph.nodes]}")
+
+
+def _float_numel(model: ir.Model) -> int:
+    return sum(v.const_value.size for v in model.graph.initializers.values() if v.dtype.is_floating_point())
+
+
+def _roundtrip(model: ir.Model, plan, feeds, tmp_path):
+    """mask -> ORT -> remove -> checker -> ORT; returns (stats, masked outputs, pruned outputs, removed)."""
+    mask_plan_onnx(model, plan)
+    y0 = run_ort(model, feeds, tmp_path / "masked.onnx")
+    before = _float_numel(model)
+    stats = apply_plan_onnx(model, plan)
+    ir.save(model, str(tmp_path / "pruned.onnx"))
+    onnx.checker.check_model(str(tmp_path / "pruned.onnx"), full_check=True)
+    y1 = run_ort(tmp_path / "pruned.onnx", feeds)
+    for a, b in zip(y0, y1):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b, a, rtol=0, atol=RTOL * max(1.0, float(np.abs(a).max())))
+    assert stats["params_removed"] == before - _float_numel(model)
+    return stats, y0, y1
+
+
+def test_mlp_gemm_exact(tmp_path):
+    net = perturb_parameters_(nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3)))
+    x = torch.randn(2, 6)
+    model = load_onnx(export_onnx(net, (x,), tmp_path / "mlp.onnx"))
+    g = import_onnx(model)
+    one = block_index(10, 1)
+    grp = Group("hidden", 10, [Slice(_param(g, "0", "linear"), 0, one), Slice(_param(g, "0", "linear", 2), 0, one),
+                               Slice(_param(g, "2", "linear"), 1, one)], Role.LINEAR_CHANNEL)
+    stats, y0, _ = _roundtrip(model, {grp: [0, 4, 9]}, feeds_for(model, (x,)), tmp_path)
+    assert stats["params_removed"] == 3 * (6 + 1 + 3)
+    # the masked model still computes the dense function minus the three hidden units
+    assert not np.allclose(y0[0], net(x).detach().numpy(), atol=1e-4)
+
+
+class _ResCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.b2 = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.gn = nn.GroupNorm(4, 8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.b1(self.c1(x)))
+        h = torch.relu(h + self.b2(self.c2(h)))  # residual: c1 and c2 outputs are one channel set
+        h = self.gn(self.dw(h))
+        return self.fc(h.mean((2, 3)))
+
+
+def _res_cnn_group(g) -> tuple[Group, list[str]]:
+    """One unit = one GroupNorm group (2 channels) through conv, residual, depthwise conv, GN, fc."""
+    pair = block_index(4, 2)
+    one = block_index(4, 1)
+    slices = []
+    names = []
+    for mod in ("c1", "c2", "dw"):
+        conv = next(n for n in g.nodes if n.op == "conv" and n.inputs[1].param and n.inputs[1].param.startswith(mod))
+        slices += [Slice(conv.inputs[1].param, 0, pair), Slice(conv.inputs[2].param, 0, pair)]
+        names.append(conv.inputs[1].param)
+        if mod == "c2":
+            slices.append(Slice(conv.inputs[1].param, 1, pair))
+    for n in g.nodes:
+        if n.op == "norm" and n.attrs["kind"] == "batch":
+            slices += [Slice(v.param, 0, pair) for v in n.inputs[1:]]
+        if n.op == "norm" and n.attrs["kind"] == "instance":  # GroupNorm lowered: per-group scale/bias
+            slices += [Slice(v.param, 0, one) for v in n.inputs[1:]]
+    slices += [Slice(name, 0, pair) for name, v in g.params.items() if v.shape == (8, 1, 1)]  # GroupNorm affine
+    slices.append(Slice(_param(g, "fc", "linear"), 1, pair))
+    return Group("res", 4, slices, Role.CONV_CHANNEL), names
+
+
+@pytest.mark.parametrize("optimize", [True, False], ids=["bn-folded", "bn-kept"])
+def test_res_cnn_bn_depthwise_groupnorm_exact(tmp_path, optimize):
+    net = perturb_parameters_(_ResCNN())
+    x = torch.randn(1, 3, 6, 6)
+    model = load_onnx(export_onnx(net, (x,), tmp_path / "cnn.onnx", optimize=optimize))
+    g = import_onnx(model)
+    assert any(n.op == "norm" and n.attrs["kind"] == "batch" for n in g.nodes) == (not optimize)
+    grp, _ = _res_cnn_group(g)
+    stats, _, _ = _roundtrip(model, {grp: [1, 3]}, feeds_for(model, (x,)), tmp_path)
+    dw = next(n for n in model.graph if n.op_type == "Conv" and n.attributes["group"].value != 1)
+    assert dw.attributes["group"].value == 4
+    assert stats["attributes_updated"] >= 1 and stats["constants_rewritten"] >= 1  # GN reshape [1, 4, -1]
+    # per GN pair: c1 2*3*9+2, dw 2*9+2; c2 loses 4 rows and 4 columns at once (8x8 -> 4x4 kernels) + 4 bias,
+    # GN scale/bias 1+1 (per group) + affine 2+2, fc 5*2; BN (kept) 4*2 per BN
+    c2_numel = 8 * 8 * 9 - 4 * 4 * 9
+    expected = 2 * (54 + 2) + c2_numel + 4 + 2 * (18 + 2) + 2 * (1 + 1) + 2 * (2 + 2) + 2 * 10
+    if not optimize:
+        expected += 2 * 2 * 4 * 2
+    assert stats["params_removed"] == expected
+
+
+class _ConcatNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 6, 3, padding=1)
+        self.head = nn.Conv2d(10, 5, 1)
+
+    def forward(self, x):
+        return self.head(torch.cat([torch.relu(self.a(x)), torch.sigmoid(self.b(x))], dim=1))
+
+
+def test_concat_offsets_exact(tmp_path):
+    net = perturb_parameters_(_ConcatNet())
+    x = torch.randn(1, 3, 5, 5)
+    model = load_onnx(export_onnx(net, (x,), tmp_path / "cat.onnx"))
+    g = import_onnx(model)
+    one = block_index(6, 1)
+    wb, bb, wh = _param(g, "b", "conv"), _param(g, "b", "conv", 2), _param(g, "head", "conv")
+    # branch b's channel c is the head's input channel 4 + c
+    grp = Group("b", 6, [Slice(wb, 0, one), Slice(bb, 0, one), Slice(wh, 1, one + 4)])
+    stats, _, _ = _roundtrip(model, {grp: [0, 5]}, feeds_for(model, (x,)), tmp_path)
+    assert stats["params_removed"] == 2 * (3 * 9 + 1 + 5)
+
+
+class _Logits(nn.Module):
+    def __init__(self, lm):
+        super().__init__()
+        self.m = lm
+
+    def forward(self, ids):
+        return self.m(input_ids=ids, use_cache=False).logits
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return _Logits(perturb_parameters_(LlamaForCausalLM(cfg)))
+
+
+def test_llama_gqa_kv_groups_and_mlp_exact(tmp_path):
+    net = _tiny_llama()
+    ids = torch.randint(0, 64, (1, 8))
+    model = load_onnx(export_onnx(net, (ids,), tmp_path / "llama.onnx"))
+    g = import_onnx(model)
+    plan = {}
+    hd, G = 8, 2
+    for layer in range(2):
+        p = f"m.model.layers.{layer}"
+        kv = Group(f"kv{layer}", 2, [
+            Slice(_param(g, f"{p}.self_attn.q_proj", "linear"), 1, block_index(2, G * hd)),
+            Slice(_param(g, f"{p}.self_attn.k_proj", "linear"), 1, block_index(2, hd)),
+            Slice(_param(g, f"{p}.self_attn.v_proj", "linear"), 1, block_index(2, hd)),
+            Slice(_param(g, f"{p}.self_attn.o_proj", "linear"), 0, block_index(2, G * hd)),
+        ], Role.KV_GROUP, layer)
+        one = block_index(48, 1)
+        mlp = Group(f"mlp{layer}", 48, [
+            Slice(_param(g, f"{p}.mlp.gate_proj", "linear"), 1, one),
+            Slice(_param(g, f"{p}.mlp.up_proj", "linear"), 1, one),
+            Slice(_param(g, f"{p}.mlp.down_proj", "linear"), 0, one),
+        ], Role.MLP_NEURON, layer)
+        plan[kv] = [layer]  # layer 0 drops KV group 0, layer 1 drops KV group 1
+        plan[mlp] = [1, 2, 30, 47]
+    stats, _, _ = _roundtrip(model, plan, feeds_for(model, (ids,)), tmp_path)
+    per_kv = 32 * 16 * 2 + 32 * 8 * 2
+    assert stats["params_removed"] == 2 * (per_kv + 4 * 3 * 32)
+    # the GQA repeat (Expand) and the heads->hidden Reshape now encode the smaller widths
+    shapes = [tuple(n.outputs[0].shape) for n in model.graph if n.op_type == "Reshape"]
+    assert (1, 8, 16) in shapes and (1, 2, 8, 8) in shapes
+
+
+def test_gpt2_heads_through_split_exact(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    net = _Logits(perturb_parameters_(GPT2LMHeadModel(cfg)))
+    ids = torch.randint(0, 64, (1, 8))
+    model = load_onnx(export_onnx(net, (ids,), tmp_path / "gpt2.onnx"))
+    g = import_onnx(model)
+    attn, hd = "m.transformer.h.0.attn", 8
+    heads = block_index(4, hd)
+    qkv = torch.cat([heads, heads + 32, heads + 64], dim=1)  # head h owns its q, k and v columns of c_attn
+    w, b = _param(g, f"{attn}.c_attn", "linear"), _param(g, f"{attn}.c_attn", "linear", 2)
+    grp = Group("heads", 4, [Slice(w, 1, qkv), Slice(b, 0, qkv), Slice(_param(g, f"{attn}.c_proj", "linear"), 0, heads)],
+                Role.HEAD, 0)
+    stats, _, _ = _roundtrip(model, {grp: [2]}, feeds_for(model, (ids,)), tmp_path)
+    assert stats["params_removed"] == 3 * 8 * 32 + 3 * 8 + 8 * 32
+    split = next(n for n in model.graph if n.op_type == "Split")
+    assert [tuple(o.shape)[-1] for o in split.outputs] == [24, 24, 24]
+
+
+def test_inconsistent_plan_names_the_node(tmp_path):
+    net = perturb_parameters_(_ResCNN())
+    x = torch.randn(1, 3, 6, 6)
+    model = load_onnx(export_onnx(net, (x,), tmp_path / "cnn.onnx"))
+    g = import_onnx(model)
+    conv = next(n for n in g.nodes if n.op == "conv")
+    bad = Group("c1-only", 8, [Slice(conv.inputs[1].param, 0, block_index(8, 1)), Slice(conv.inputs[2].param, 0, block_index(8, 1))])
+    with pytest.raises(SlimcError, match=r"through ONNX node .* \(Conv\): input channels"):
+        apply_plan_onnx(model, {bad: [0]})
+
+
+def test_unknown_initializer_is_refused(tmp_path):
+    net = nn.Sequential(nn.Linear(4, 4))
+    model = load_onnx(export_onnx(perturb_parameters_(net), (torch.randn(1, 4),), tmp_path / "m.onnx"))
+    grp = Group("x", 4, [Slice("no.such.weight", 0, block_index(4, 1))])
+    with pytest.raises(SlimcError, match="not an initializer"):
+        apply_plan_onnx(model, {grp: [1]})
