@@ -57,6 +57,18 @@ def export_spec(model: Model) -> tuple[nn.Module, dict[str, torch.Tensor], dict[
     return model.module.eval(), example, dynamic, more
 
 
+def positional(module: nn.Module, example: dict[str, Any], dynamic: dict[str, Any]) -> tuple[tuple, dict, Any, list[str]]:
+    """(args, kwargs, dynamic_shapes, input names in call order): inputs that are the leading parameters of forward go positionally,
+    so the exported program is called like the module (`program(x)`, not `program(input=x)`)."""
+    import inspect
+
+    names = list(inspect.signature(module.forward).parameters)
+    if names[: len(example)] == list(example) or sorted(names[: len(example)]) == sorted(example):
+        order = names[: len(example)]
+        return tuple(example[n] for n in order), {}, tuple(dynamic[n] for n in order), order
+    return (), dict(example), dict(dynamic), list(example)
+
+
 def _max_len(model: Model) -> int:
     return int(getattr(model.config, "max_position_embeddings", 0) or 4096)
 
@@ -88,9 +100,10 @@ def write_onnx(model: Model, out_dir: Path) -> Path:
     module, example, dynamic, _ = export_spec(model)
     try:
         with quiet(), torch.no_grad():
+            args, kwargs, shapes, names = positional(module, example, dynamic)
             program = torch.onnx.export(
-                module, (), kwargs=example, dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic,
-                input_names=list(example), output_names=["logits"] if model.is_causal_lm else None,
+                module, args, kwargs=kwargs, dynamo=True, opset_version=OPSET, dynamic_shapes=shapes,
+                input_names=names, output_names=["logits"] if model.is_causal_lm else None,
                 verbose=False, report=False,
             )
             program.save(str(path))

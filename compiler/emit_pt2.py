@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .emit_onnx import export_spec, quiet
+from .emit_onnx import export_spec, positional, quiet
 from .errors import SlimcError
 from .model import Model
 
@@ -25,7 +25,8 @@ def write_pt2(model: Model, out_dir: Path) -> Path:
     path = out_dir / PT2_NAME
     try:
         with quiet(), torch.no_grad():
-            program = torch.export.export(module, (), kwargs=example, dynamic_shapes=dynamic, strict=False)
+            args, kwargs, shapes, _ = positional(module, example, dynamic)
+            program = torch.export.export(module, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)
         torch.export.save(program, str(path))
     except Exception as e:  # noqa: BLE001 — export failures are many types; the model is the user's
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -40,7 +41,8 @@ def verify_pt2(model: Model, path: Path, atol: float = 1e-4) -> dict[str, Any]:
     worst = 0.0
     for inputs in [example, *more]:
         with torch.no_grad():
-            ref, got = module(**inputs), loaded(**inputs)
+            args, kwargs, _, _ = positional(module, inputs, {k: None for k in inputs})
+            ref, got = module(*args, **kwargs), loaded(*args, **kwargs)
         ref = ref[0] if isinstance(ref, (tuple, list)) else ref
         got = got[0] if isinstance(got, (tuple, list)) else got
         if got.shape != ref.shape:
