@@ -212,7 +212,8 @@ class _Lowering:
             if id(node) in rms:
                 x, w, out, _, eps = rms[id(node)]
                 ins = [self.val(x)] + ([self.val(w)] if w is not None else [])
-                self.emit("norm", node, ins, [self.val(out)], kind="rms", axis=-1, eps=eps, decomposed=True)
+                rank = len(x.shape) if x.shape is not None else 1
+                self.emit("norm", node, ins, [self.val(out)], kind="rms", axis=-1, axes=[rank - 1], eps=eps, decomposed=True)
                 continue
             self.lower(node)
         self.graph.outputs = [self.val(v) for v in g.outputs]
@@ -238,11 +239,11 @@ class _Lowering:
         elif op in _BINARY:
             self.emit(_BINARY[op], n, ins, outs)
         elif op in _EWISE:
-            self.emit("ewise", n, ins, outs, fn=op.lower())
+            self.emit("elementwise", n, ins, outs, fn=op.lower())
         elif op in _UNARY:
             self.emit("unary", n, ins[:1], outs[:1], fn=op.lower())
         elif op in ("Softmax", "LogSoftmax"):
-            self.emit("softmax", n, ins, outs, axis=int(_attr(n, "axis", -1)), log=op == "LogSoftmax")
+            self.emit("softmax", n, ins, outs, axis=_axis(int(_attr(n, "axis", -1)), outs[0]), log=op == "LogSoftmax")
         elif op in _REDUCE:
             self.lower_reduce(n, ins, outs)
         elif op in _POOL:
@@ -257,7 +258,7 @@ class _Lowering:
                 perm = list(reversed(range(len(ins[0].shape))))
             self.emit("permute", n, ins, outs, perm=[int(p) for p in perm] if perm is not None else None)
         elif op == "Concat":
-            self.emit("concat", n, ins, outs, axis=int(_attr(n, "axis")))
+            self.emit("concat", n, ins, outs, axis=_axis(int(_attr(n, "axis")), outs[0]))
         elif op == "Split":
             self.lower_split(n, ins, outs)
         elif op == "Slice":
@@ -271,9 +272,10 @@ class _Lowering:
             if _is_param(data) and axis == 0 and data.shape is not None and len(data.shape) == 2:
                 self.emit("embedding", n, [ins[0], ins[1]], outs)
             else:
-                self.emit("gather", n, ins, outs, axis=axis)
+                self.emit("gather", n, ins, outs, axis=axis, axes=[axis])
         elif op in _SHAPE_ONLY:
-            self.emit("shape", n, ins, outs, fn=op.lower())
+            # reads sizes only; its 1-D result carries no channel of the input
+            self.emit("source", n, [], outs, fn=op.lower(), of=ins[0].name if ins and ins[0] else None)
         else:
             self.emit("opaque", n, ins, outs)
 
@@ -356,11 +358,18 @@ class _Lowering:
 
     def lower_norm(self, n: ir.Node, ins: list, outs: list) -> None:
         kind = _NORM[n.op_type]
-        if kind in ("batch", "instance", "group"):
-            axis = 1
+        attrs: dict[str, Any] = {"eps": float(_attr(n, "epsilon", 1e-5))}
+        if kind == "instance":
+            # per-channel statistics and per-channel parameters: the channel rule of batch norm
+            kind, attrs["instance"] = "batch", True
+        if kind in ("batch", "group"):
+            attrs["axis"] = 1
         else:
             axis = int(_attr(n, "axis", -1))
-        attrs: dict[str, Any] = {"kind": kind, "axis": axis, "eps": float(_attr(n, "epsilon", 1e-5))}
+            rank = len(ins[0].shape) if ins[0].shape is not None else None
+            attrs["axis"] = axis
+            attrs["axes"] = list(range(axis % rank, rank)) if rank is not None else [axis]
+        attrs["kind"] = kind
         if kind == "group":
             attrs["num_groups"] = int(_attr(n, "num_groups"))
         # BatchNormalization's running mean/var ride along as inputs 3 and 4 (per-channel, like weight)
@@ -388,7 +397,9 @@ class _Lowering:
                 k = len(outs)
                 step = -(-x.shape[axis] // k)  # ONNX: equal chunks, the last one smaller
                 sizes = [min(step, x.shape[axis] - i * step) for i in range(k)]
-        self.emit("split", n, ins[:1], outs, axis=axis, sizes=sizes)
+        rank = len(x.shape) if x.shape is not None else 1
+        even = sizes is not None and len(set(sizes)) == 1
+        self.emit("split", n, ins[:1], outs, axis=axis % rank, sizes=sizes, even=even)
 
     def lower_slice(self, n: ir.Node, ins: list, outs: list) -> None:
         starts, ends = _ints(n, 1, "starts"), _ints(n, 2, "ends")
@@ -412,6 +423,11 @@ class _Lowering:
             out = outs[0] if last else self.synth(outs[0], tuple(shape))
             self.emit("slice", n, [cur], [out], axis=a, start=s, end=e, step=st)
             cur = out
+
+
+def _axis(axis: int, v: Value) -> int:
+    """A non-negative axis where the rank is known (the dimension rules compare axes)."""
+    return axis % len(v.shape) if v.shape else axis
 
 
 def _source_op(n: ir.Node) -> str:

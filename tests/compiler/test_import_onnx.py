@@ -107,7 +107,7 @@ def test_cnn_ops_lower_to_canonical_ops(tmp_path):
     bn = next(n for n in g.nodes if n.op == "norm" and n.attrs["kind"] == "batch")
     assert [v.param for v in bn.inputs[1:]] == ["bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"]
     ln = next(n for n in g.nodes if n.op == "norm" and n.attrs["kind"] == "layer")
-    assert ln.attrs["axis"] == -1 and ln.module == "ln"
+    assert ln.attrs["axes"] == [2] and ln.module == "ln"
     split = next(n for n in g.nodes if n.op == "split")
     assert split.attrs["axis"] == 1 and split.attrs["sizes"] == [3, 5]
     red = next(n for n in g.nodes if n.op == "reduce")
