@@ -71,7 +71,7 @@ class Steps:
     def __init__(self, enabled: bool = True):
         self.progress = Progress(
             SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-            console=err_console, transient=False, disable=not enabled,
+            console=err_console, transient=False, disable=not (enabled and err_console.is_terminal),
         )
 
     def __enter__(self) -> "Steps":
@@ -88,7 +88,7 @@ class Steps:
         try:
             yield
         except BaseException:
-            self.progress.update(task, description=f"[red]✗[/red] {label}")
+            self.progress.remove_task(task)  # the error line printed afterwards says what failed
             raise
         dt = time.perf_counter() - t0
         if dt < 1.0:

@@ -186,9 +186,39 @@ def load_hf_dir(path: Path) -> Model:
     except SlimcError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as e:
+        mismatch = _shape_mismatch(path, config)
+        if mismatch:
+            raise SlimcError(
+                f"{path}: weights do not match config.json ({mismatch}); a pruned model saved with save_pretrained "
+                "keeps its old config: write it with slimc.save or compress instead"
+            ) from None
         raise SlimcError(f"{path}: cannot load the checkpoint ({type(e).__name__}: {_first_line(e)})") from None
     module.eval()
     return Model(module=module, config=module.config, tokenizer=_tokenizer(path), source=path, source_format="hf")
+
+
+def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    shapes: dict[str, list[int]] = {}
+    for f in _weight_files(path):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def _shape_mismatch(path: Path, config) -> str | None:
+    """The first tensor whose stored shape differs from what the config builds, as a short text."""
+    try:
+        with torch.device("meta"):
+            module = _from_config(config)
+    except Exception:  # noqa: BLE001 — only used to improve an error message
+        return None
+    expected = {k: list(v.shape) for k, v in module.state_dict().items()}
+    for name, shape in _safetensors_shapes(path).items():
+        if name in expected and expected[name] != shape:
+            return f"{name} is {shape} in the file, {expected[name]} by the config"
+    return None
 
 
 def _load_sparse(path: Path, config, sparsity: Mapping[str, Any]) -> nn.Module:
