@@ -34,7 +34,7 @@ extern "C" long long slimc_sparse24_workspace(int tokens, int N, int K);
 extern "C" const char* slimc_sparse24_error_string(int code);
 
 torch::Tensor sparse24_decode(torch::Tensor x, torch::Tensor values, torch::Tensor meta,
-                              c10::optional<torch::Tensor> bias, int64_t stream) {
+                              c10::optional<torch::Tensor> bias, int64_t stream, c10::optional<torch::Tensor> out) {
   TORCH_CHECK(x.is_cuda() && values.is_cuda() && meta.is_cuda(), "sparse24_decode: CUDA tensors expected");
   TORCH_CHECK(x.dim() == 2 && values.dim() == 2 && meta.dim() == 2, "sparse24_decode: 2-D x, values, meta expected");
   TORCH_CHECK(x.is_contiguous() && values.is_contiguous() && meta.is_contiguous(), "sparse24_decode: contiguous tensors expected");
@@ -52,7 +52,14 @@ torch::Tensor sparse24_decode(torch::Tensor x, torch::Tensor values, torch::Tens
                 "sparse24_decode: bias must be a contiguous [N] CUDA tensor of x's dtype");
     bptr = bias->data_ptr();
   }
-  auto y = torch::empty({tokens, N}, x.options());
+  torch::Tensor y;
+  if (out.has_value() && out->defined()) {  // caller's buffer: lets tests poison it first
+    TORCH_CHECK(out->is_cuda() && out->is_contiguous() && out->scalar_type() == x.scalar_type() && out->dim() == 2 &&
+                out->size(0) == tokens && out->size(1) == N, "sparse24_decode: out must be a contiguous [tokens, N] tensor of x's dtype");
+    y = *out;
+  } else {
+    y = torch::empty({tokens, N}, x.options());
+  }
   const long long ws_elems = slimc_sparse24_workspace((int)tokens, (int)N, (int)K);
   torch::Tensor ws;
   if (ws_elems > 0) ws = torch::empty({ws_elems}, x.options().dtype(at::kFloat));
@@ -152,8 +159,19 @@ def _sparse24_linear_cuda(x: torch.Tensor, values: torch.Tensor, meta: torch.Ten
         return sparse24_linear_reference(x, values, meta, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    y = ext.sparse24_decode(x2, values.contiguous(), meta.contiguous(), bias, torch.cuda.current_stream(x.device).cuda_stream)
+    y = decode(x2, values, meta, bias)
     return y.reshape(*lead, values.shape[0])
+
+
+def decode(
+    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Run the CUDA kernel directly: x [tokens, K] -> [tokens, N], written into `out` when given."""
+    ext = extension()
+    if ext is None:
+        raise RuntimeError(f"the sparse24 CUDA extension is not available: {build_error()}")
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    return ext.sparse24_decode(x.contiguous(), values.contiguous(), meta.contiguous(), bias, stream, out)
 
 
 @sparse24_linear.register_fake
