@@ -176,7 +176,7 @@ class _Lowering:
             const = None
             if v.const_value is not None and v.const_value.size <= _CONST_MAX:
                 const = v.const_value.numpy()
-            got = Value(v.name or f"v{id(v)}", value_shape(v), str(v.dtype) if v.dtype is not None else None, const=const)
+            got = Value(v.name or f"v{id(v)}", value_shape(v), _dtype_name(v.dtype), const=const)
             if v.is_initializer():
                 got.param = v.name
             self.values[id(v)] = got
@@ -423,6 +423,16 @@ class _Lowering:
             out = outs[0] if last else self.synth(outs[0], tuple(shape))
             self.emit("slice", n, [cur], [out], axis=a, start=s, end=e, step=st)
             cur = out
+
+
+def _dtype_name(dtype: ir.DataType | None) -> str | None:
+    """torch-style dtype names ("float32", "int64"), as the PyTorch importer writes them."""
+    if dtype is None:
+        return None
+    try:
+        return np.dtype(dtype.numpy()).name
+    except Exception:  # noqa: BLE001 — types numpy cannot name (float8, 4-bit, ...)
+        return dtype.name.lower()
 
 
 def _axis(axis: int, v: Value) -> int:

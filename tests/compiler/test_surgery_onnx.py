@@ -10,7 +10,7 @@ from torch import nn
 from slimc.compiler.errors import SlimcError
 from slimc.compiler.groups import Group, Role, Slice, block_index
 from slimc.compiler.import_onnx import import_onnx, load_onnx
-from slimc.compiler.onnx_roundtrip import export_onnx, feeds_for, perturb_parameters_, run_ort
+from slimc.compiler.onnx_roundtrip import export_onnx, feeds_for, perturb_parameters_, run_ort, save_onnx
 from slimc.compiler.surgery_onnx import apply_plan_onnx, mask_plan_onnx
 
 torch.set_num_threads(1)
@@ -35,7 +35,7 @@ def _roundtrip(model: ir.Model, plan, feeds, tmp_path):
     y0 = run_ort(model, feeds, tmp_path / "masked.onnx")
     before = _float_numel(model)
     stats = apply_plan_onnx(model, plan)
-    ir.save(model, str(tmp_path / "pruned.onnx"))
+    save_onnx(model, tmp_path / "pruned.onnx")
     onnx.checker.check_model(str(tmp_path / "pruned.onnx"), full_check=True)
     y1 = run_ort(tmp_path / "pruned.onnx", feeds)
     for a, b in zip(y0, y1):
