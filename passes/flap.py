@@ -116,13 +116,21 @@ def compensate(module: nn.Module, compensations: list[Compensation]) -> None:
         add_output_bias(linear, c.bias)
 
 
-def plan_flap(model: Model, tokens: torch.LongTensor, cfg: "FlapConfig") -> FlapPlan:
-    """Score units on calibration `tokens` and choose what to remove; the model is not changed."""
+def flap_targets(model: Model) -> list[str]:
+    """The modules whose input statistics FLAP needs: every o_proj and down_proj."""
+    return [p for v in decoder_layers(model) for p in (f"{v.attn}.o_proj", f"{v.mlp}.down_proj")]
+
+
+def plan_flap(model: Model, tokens: torch.LongTensor, cfg: "FlapConfig", stats: dict[str, InputStats] | None = None) -> FlapPlan:
+    """Score units on calibration `tokens` and choose what to remove; the model is not changed.
+
+    `stats` (from `collect_input_stats` on `flap_targets`) skips the calibration run.
+    """
     module = model.module
     views = decoder_layers(model)
     t0 = time.perf_counter()
-    targets = [p for v in views for p in (f"{v.attn}.o_proj", f"{v.mlp}.down_proj")]
-    stats = collect_input_stats(model, tokens, targets, gram=cfg.compensation == "lsq", batch_size=cfg.batch_size)
+    if stats is None:
+        stats = collect_input_stats(model, tokens, flap_targets(model), gram=cfg.compensation == "lsq", batch_size=cfg.batch_size)
     t_cal = time.perf_counter() - t0
     attn_sets, mlp_sets = unit_sets(module, views, stats, cfg)
     attn_keep, mlp_keep = fm.allocate(attn_sets, mlp_sets, cfg.sparsity, cfg.structure, cfg.attn_sparsity)

@@ -264,3 +264,37 @@ def test_flap_20_on_smollm2_keeps_perplexity():
     ppl = perplexity(model, heldout_tokens(model.tokenizer), seq_len=512, max_windows=16)
     # measured 2026-11-23: see BENCHMARKS_flap.md (dense 12.05, reference FLAP 17.08)
     assert ppl < 17.1, ppl
+
+
+# ---- checkpoint round trip (engineer C's emitter and loader) ---------------------------------------
+
+
+def _roundtrip(model: Model, out) -> None:
+    from slimc.compiler.emit import save
+    from slimc.compiler.loaders import load
+
+    save(model, out, format="hf")
+    back = load(out)
+    ids = calib(2, 16, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(back.module(ids).logits, model.module(ids).logits, rtol=0, atol=1e-5)
+    return back
+
+
+def test_per_layer_checkpoint_round_trip(tmp_path):
+    model = tiny_llama(layers=3, kv=4, heads=8, head_dim=8, hidden=32, inter=64)
+    Flap(sparsity=0.5, structure="AL-AM")(model, PassContext(calibration=calib()))
+    widths = {(v.num_kv_heads, v.intermediate_size) for v in decoder_layers(model)}
+    assert len(widths) > 1  # adaptive: layers differ, so the per-layer config is exercised
+    back = _roundtrip(model, tmp_path / "out")
+    assert [l.mlp.down_proj.bias is not None for l in back.module.model.layers] == [True] * 3
+
+
+@pytest.mark.slow
+def test_flap_50_smollm2_round_trip(tmp_path):
+    from slimc.compiler.loaders import load
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    model = load("smollm2")
+    Flap(**load_recipe("flap-50").passes[0][1])(model, PassContext())
+    _roundtrip(model, tmp_path / "out")

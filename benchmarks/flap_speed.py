@@ -1,0 +1,108 @@
+"""FLAP prefill speed on CPU: dense vs flap-20 vs flap-50 SmolLM2, PyTorch and ONNX Runtime.
+
+Prefill latency of one batch of 512 tokens (no KV cache; logits for every position), median of
+repeats. The models are measured in interleaved rounds (dense, 20%, 50%, dense, ...), so load
+from other processes on a shared machine hits all of them alike.
+
+    python benchmarks/flap_speed.py [--repeats 10] [--threads 2] [--seq-len 512] [--sparsity 0.2 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from slimc.compiler.loaders import load
+from slimc.compiler.model import Model
+from slimc.compiler.pipeline import PassContext
+from slimc.compiler.recipes import load_recipe
+from slimc.passes.flap import Flap
+
+
+def torch_runner(model: Model, ids: torch.Tensor):
+    module = model.module.eval()
+
+    def run() -> None:
+        with torch.inference_mode():
+            module(input_ids=ids, use_cache=False)
+
+    return run
+
+
+def ort_runner(model: Model, ids: torch.Tensor, workdir: Path, threads: int):
+    import onnxruntime as ort
+
+    from slimc.compiler.emit_onnx import write_onnx
+
+    path = write_onnx(model, workdir)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: ids.numpy()}
+
+    def run() -> None:
+        sess.run(None, feed)
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sparsity", type=float, nargs="+", default=[0.2, 0.5])
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--no-onnx", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dense = load("smollm2")
+    models = {"dense": dense}
+    for p in args.sparsity:
+        m = dense.clone()
+        recipe = load_recipe(f"flap-{int(round(p * 100))}") if p in (0.2, 0.3, 0.5) else None
+        opts = recipe.passes[0][1] if recipe else dict(sparsity=p)
+        t0 = time.perf_counter()
+        Flap(**opts)(m, PassContext())
+        print(f"# flap p={p}: pruned in {time.perf_counter() - t0:.1f} s, {m.num_parameters():,} parameters", flush=True)
+        models[f"flap-{int(round(p * 100))}"] = m
+    ids = torch.randint(0, dense.config.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(0))
+    runners: dict[tuple[str, str], object] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, m in models.items():
+            runners[("pytorch", name)] = torch_runner(m, ids)
+            if not args.no_onnx:
+                runners[("onnxruntime", name)] = ort_runner(m, ids, Path(tmp) / name, args.threads)
+        times: dict[tuple[str, str], list[float]] = {k: [] for k in runners}
+        load_before = os.getloadavg()[0]
+        for k, run in runners.items():
+            for _ in range(args.warmup):
+                run()
+        for _ in range(args.repeats):
+            for k, run in runners.items():  # interleaved rounds
+                t0 = time.perf_counter()
+                run()
+                times[k].append(time.perf_counter() - t0)
+        load_after = os.getloadavg()[0]
+    print()
+    print(f"Prefill latency, batch 1 x {args.seq_len} tokens, CPU, {args.threads} threads, median of {args.repeats} "
+          f"(load average {load_before:.2f} before, {load_after:.2f} after)")
+    print()
+    print("| runtime | model | params | median ms | min ms | speed-up vs dense (median) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for (rt, name), ts in times.items():
+        med, mn = statistics.median(ts), min(ts)
+        base = statistics.median(times[(rt, "dense")])
+        print(f"| {rt} | {name} | {models[name].num_parameters():,} | {med * 1e3:.1f} | {mn * 1e3:.1f} | {base / med:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
