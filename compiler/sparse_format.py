@@ -90,8 +90,10 @@ def pack_positions(pos: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_positions(meta: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     """Inverse of `pack_positions`: [rows, L*bits/8] uint8 -> [rows, L] int64."""
     per = 8 // bits
-    shifts = torch.arange(per, dtype=torch.int32, device=meta.device) * bits
-    p = (meta.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    # floor division and remainder rather than shifts: the same integers, and they export to ONNX
+    # (whose BitShift takes unsigned types only)
+    scale = (2 ** (torch.arange(per, dtype=torch.int32, device=meta.device) * bits)).to(torch.int32)
+    p = torch.div(meta.to(torch.int32).unsqueeze(-1), scale, rounding_mode="floor") % (1 << bits)
     return p.reshape(meta.shape[0], -1)[:, :length].to(torch.int64)
 
 

@@ -4,7 +4,8 @@
     to_sparse(model.module, ["model.layers.0.mlp.up_proj", ...], 2, 4)
 
 State (what a checkpoint holds, per layer `<path>`): `<path>.values` [out, in*N/M] in the weight
-dtype, `<path>.meta` [out, in*N/M*B/8] uint8 (layout: compiler/sparse_format.py), `<path>.bias`.
+dtype (a parameter, frozen by default), `<path>.metadata` [out, in*N/M*B/8] uint8 (a buffer; layout in
+compiler/sparse_format.py; not called `meta`, which fx GraphModules reserve), `<path>.bias`.
 A checkpoint's config.json names the layers: `"slimc_sparsity": {"format": "slimc-nm", "n": 2, "m": 4,
 "layers": [...]}` (`sparse_config`); loaders call `prepare_sparse` to swap those nn.Linear layers for
 empty SparseLinear modules before `load_state_dict`.
@@ -33,8 +34,8 @@ DECODE_MAX_TOKENS = 64
 class SparseLinear(nn.Module):
     """y = x W^T + b with W N:M-sparse, stored packed (values + metadata)."""
 
-    values: torch.Tensor
-    meta: torch.Tensor
+    values: nn.Parameter
+    metadata: torch.Tensor
 
     def __init__(
         self,
@@ -51,8 +52,10 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features, self.n, self.m = in_features, out_features, n, m
         kept = in_features // m * n
         dtype = dtype or torch.get_default_dtype()
-        self.register_buffer("values", torch.zeros(out_features, kept, device=device, dtype=dtype))
-        self.register_buffer("meta", torch.zeros(out_features, kept * index_bits(m) // 8, device=device, dtype=torch.uint8))
+        # the kept weights are parameters (counted, trainable on request: gradients reach only kept
+        # positions, so training keeps the N:M pattern); the positions are a buffer
+        self.values = nn.Parameter(torch.zeros(out_features, kept, device=device, dtype=dtype), requires_grad=False)
+        self.register_buffer("metadata", torch.zeros(out_features, kept * index_bits(m) // 8, device=device, dtype=torch.uint8))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         self._dense: torch.Tensor | None = None
         self._dense_key: tuple | None = None
@@ -65,17 +68,17 @@ class SparseLinear(nn.Module):
         packed = pack(w, n, m, mask)
         with torch.no_grad():
             layer.values.copy_(packed.values)
-            layer.meta.copy_(packed.meta)
+            layer.metadata.copy_(packed.meta)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias.detach())
         return layer
 
     def dense_weight(self) -> torch.Tensor:
         """The dense [out, in] weight (zeros at pruned positions), cached until values/meta change."""
-        key = (self.values.data_ptr(), self.values._version, self.meta.data_ptr(), self.meta._version, self.values.dtype)
+        key = (self.values.data_ptr(), self.values._version, self.metadata.data_ptr(), self.metadata._version, self.values.dtype)
         if self._dense is None or self._dense_key != key:
             with torch.no_grad():
-                self._dense = unpack(self.values, self.meta, self.n, self.m, self.in_features)
+                self._dense = unpack(self.values, self.metadata, self.n, self.m, self.in_features)
             self._dense_key = key
         return self._dense
 
@@ -101,7 +104,10 @@ class SparseLinear(nn.Module):
         if x.is_cuda and self.n == 2 and self.m == 4 and DISPATCHER.use_kernel(self, x):
             from ..cuda.sparse24_ops import sparse24_linear
 
-            return sparse24_linear(x, self.values, self.meta, self.bias)
+            return sparse24_linear(x, self.values, self.metadata, self.bias)
+        if torch.compiler.is_compiling() or (self.values.requires_grad and torch.is_grad_enabled()):
+            # export / compile traces (fake tensors have no data to cache) and training: no cache
+            return F.linear(x, unpack(self.values, self.metadata, self.n, self.m, self.in_features), self.bias)
         return F.linear(x, self.dense_weight(), self.bias)
 
     def extra_repr(self) -> str:
@@ -166,7 +172,7 @@ class Dispatcher:
             return statistics.median(times)
 
         with torch.no_grad():
-            k_ms = time_ms(lambda: sparse24_linear(xb, layer.values, layer.meta, layer.bias))
+            k_ms = time_ms(lambda: sparse24_linear(xb, layer.values, layer.metadata, layer.bias))
             d_ms = time_ms(lambda: F.linear(xb, dense, layer.bias))
         return k_ms, d_ms
 

@@ -50,7 +50,7 @@ def test_dense_cache_follows_in_place_changes_and_dtype_moves():
         sp.values.mul_(2.0)
     torch.testing.assert_close(sp(x), 2 * before - sp.bias, rtol=1e-6, atol=1e-6)
     sp.to(torch.float64)
-    assert sp(x.double()).dtype == torch.float64 and sp.meta.dtype == torch.uint8
+    assert sp(x.double()).dtype == torch.float64 and sp.metadata.dtype == torch.uint8
 
 
 def test_to_linear_and_state_dict_round_trip():
@@ -61,16 +61,16 @@ def test_to_linear_and_state_dict_round_trip():
     fresh.load_state_dict(sp.state_dict())
     x = torch.randn(3, 32)
     assert torch.equal(fresh(x), lin(x))
-    assert set(sp.state_dict()) == {"values", "meta", "bias"}
+    assert set(sp.state_dict()) == {"values", "metadata", "bias"}
 
 
 def test_reference_op_equals_masked_linear():
     lin = masked_linear(64, 16, 2, 4)
     sp = SparseLinear.from_linear(lin, 2, 4)
     x = torch.randn(5, 64)
-    ref = sparse24_linear_reference(x, sp.values, sp.meta, sp.bias)
+    ref = sparse24_linear_reference(x, sp.values, sp.metadata, sp.bias)
     torch.testing.assert_close(ref, lin(x), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sparse24_linear(x, sp.values, sp.meta, sp.bias), ref, rtol=0, atol=0)
+    torch.testing.assert_close(sparse24_linear(x, sp.values, sp.metadata, sp.bias), ref, rtol=0, atol=0)
 
 
 class Net(nn.Module):
@@ -142,3 +142,26 @@ def test_mixed_patterns_cannot_share_one_config():
     net.b = SparseLinear(32, 16, 4, 8, bias=False)
     with pytest.raises(SlimcError, match="mixes"):
         sparse_config(net)
+
+
+def test_training_the_values_keeps_the_pattern():
+    lin = masked_linear(32, 8, 2, 4)
+    sp = SparseLinear.from_linear(lin, 2, 4)
+    assert sum(p.numel() for p in sp.parameters()) == 8 * 16 + 8  # kept values + bias
+    sp.values.requires_grad_(True)
+    opt = torch.optim.SGD([sp.values], lr=0.1)
+    x = torch.randn(16, 32)
+    loss = (sp(x) - torch.randn(16, 8)).pow(2).mean()
+    loss.backward()
+    assert sp.values.grad is not None and bool(sp.values.grad.abs().sum() > 0)
+    opt.step()
+    w = sp.dense_weight()
+    assert bool(((w != 0) <= (lin.weight != 0)).all())  # only kept positions moved
+
+
+def test_torch_export_traces_the_packed_layer():
+    lin = masked_linear(32, 8, 2, 4)
+    sp = SparseLinear.from_linear(lin, 2, 4)
+    x = torch.randn(3, 32)
+    ep = torch.export.export(sp, (x,))
+    assert torch.equal(ep.module()(x), sp(x))

@@ -97,7 +97,7 @@ def test_sparse_linear_on_cuda_kernel_and_dense_paths_agree(ops):
     layer = SparseLinear(1024, 512, 2, 4, bias=True, device="cuda", dtype=torch.float16)
     with torch.no_grad():
         layer.values.copy_(values)
-        layer.meta.copy_(meta)
+        layer.metadata.copy_(meta)
         layer.bias.normal_()
     x = torch.randn(4, 1024, generator=gen).half().cuda()
     ref = reference(x, values, meta, layer.bias)
@@ -123,7 +123,7 @@ def test_unsupported_shapes_fall_back_to_the_reference(ops):
     p = pack(w, 2, 4)
     with torch.no_grad():
         layer.values.copy_(p.values)
-        layer.meta.copy_(p.meta)
+        layer.metadata.copy_(p.meta)
     layer = layer.half().cuda()
     x = torch.randn(3, 40, generator=gen).half().cuda()
     assert rel_err(layer(x), x.cpu().double() @ w.double().T) < TOL[torch.float16]
