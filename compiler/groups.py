@@ -65,6 +65,9 @@ class Group:
     attrs: list[AttrUpdate] = field(default_factory=list)
     prunable: bool = True
     reason: str = ""  # why not prunable
+    exact: bool = True  # removing zeroed channels leaves outputs unchanged (False: e.g. softmax over experts)
+    inexact_reason: str = ""  # why not exact, when prunable but not exact
+    multiple_of: int = 1  # the kept size must stay a multiple of this (e.g. grouped_mm's 16-byte strides)
 
     def __repr__(self) -> str:
         flag = "" if self.prunable else f", unprunable: {self.reason}"

@@ -146,3 +146,6 @@ def _refresh_module(mod: nn.Module, old_weight_shape: torch.Size | None) -> None
         mod.num_groups = w.shape[0] // per_group
     elif isinstance(mod, nn.Embedding):
         mod.num_embeddings, mod.embedding_dim = w.shape
+    elif type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and w is not None:
+        # transformers' GPT-2 Conv1D: weight [in, out]; forward reshapes by `nf`
+        mod.nx, mod.nf = w.shape

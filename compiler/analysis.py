@@ -1,0 +1,214 @@
+"""Coupled-dimension analysis: the groups of parameter slices that must shrink together.
+
+    graph = import_module(model, {"input_ids": ids})
+    groups = find_groups(graph, model)      # list[Group], in the format of compiler/groups.py
+
+Every axis of every tensor becomes a channel atom (`compiler/channel_atoms.py`); every op's rule
+(`compiler/dim_rules.py`) unifies, refines or blocks atoms. A group is one final leaf class that
+touches a parameter: channel c owns, in every parameter axis of the class, the positions whose
+coordinate for that leaf is c. So a KV head owns its k/v rows, the rows of its G query heads
+(through repeat_kv's expand/reshape or sdpa's enable_gqa) and the matching o_proj columns; a
+gated-MLP neuron owns its gate row, up row and down column; an MoE expert owns axis 0 of the
+expert tensors and its router row (through the router's top-k indices, not the example routing).
+
+A group is unprunable (with the reason) when any rule blocked it; prunable but `exact=False`
+when removing a zeroed channel still changes outputs (softmax / top-k over experts). Roles come
+from what the rules saw (attention heads, norms, embeddings, expert tensors); with the module,
+attributes that count channels (num_heads, num_key_value_heads, num_experts, ...) become
+`Group.attrs` so surgery keeps the module consistent.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+
+from torch import nn
+
+from .channel_atoms import Atom, block, find, leaves, positions
+from .dim_rules import DimState, run_rules
+from .groups import AttrUpdate, Group, Role, Slice
+from .ir import Graph
+
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|stages|encoder\.layer)\.(\d+)\.")
+
+# module attributes that count channels of a group: (names, what one channel is worth)
+_Q_COUNT = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_q_heads")
+_KV_COUNT = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "num_key_value_heads_per_partition")
+_HEAD_WIDTH = ("all_head_size", "inner_dim", "split_size")
+_EXPERT_COUNT = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def find_groups(graph: Graph, module: nn.Module | None = None) -> list[Group]:
+    """All channel groups of `graph` (from `import_module`), prunable or not (with a reason)."""
+    st = run_rules(graph)
+    _check_even_splits(st)
+    slices: dict[int, list[Slice]] = defaultdict(list)
+    roots: dict[int, Atom] = {}
+    for name, v in graph.params.items():
+        for axis, a in enumerate(st.axes(v)):
+            for leaf, index in positions(a).values():
+                roots[leaf.id] = leaf
+                slices[leaf.id].append(Slice(name, axis, index))
+    groups: list[Group] = []
+    for lid, sl in slices.items():
+        leaf = find(roots[lid])
+        if leaf.size == 1:
+            block(leaf, "a single channel: removing it would leave an empty axis")
+        groups.append(_make_group(leaf, sl, module))
+    _name_uniquely(groups)
+    return groups
+
+
+def _check_even_splits(st: DimState) -> None:
+    """chunk / equal split: each part must lose the same number of positions per channel."""
+    for why, parts in st.even_splits:
+        per_part = [{lid: pos.shape[1] for lid, (_, pos) in positions(p).items()} for p in parts]
+        for lid in set().union(*per_part):
+            if len({c.get(lid, 0) for c in per_part}) > 1:
+                for p in parts:
+                    for leaf in leaves(p):
+                        if leaf.id == lid:
+                            block(leaf, f"{why}: equal parts would shrink unequally")
+
+
+def _layer_of(params: list[str]) -> int | None:
+    found = set()
+    for p in params:
+        m = _LAYER_RE.search(p)
+        found.add(int(m.group(1)) if m else None)
+    return found.pop() if len(found) == 1 else None
+
+
+def _owner(param: str) -> str:
+    return param.rsplit(".", 1)[0] if "." in param else ""
+
+
+def _common_prefix(paths: list[str]) -> str:
+    parts = [p.split(".") for p in paths if p]
+    if not parts:
+        return ""
+    out = []
+    for xs in zip(*parts):
+        if len(set(xs)) != 1:
+            break
+        out.append(xs[0])
+    return ".".join(out)
+
+
+def _role(leaf: Atom, params: list[str]) -> str:
+    tags = leaf.tags
+    if "attn.head_dim" in tags or "expand" in tags:
+        return Role.UNKNOWN
+    if "attn.kv_heads" in tags or "attn.q_heads" in tags:
+        q, kv = tags.get("attn.q_heads"), tags.get("attn.kv_heads")
+        if isinstance(q, int) and isinstance(kv, int) and q > kv:
+            return Role.KV_GROUP
+        return Role.HEAD
+    if "moe.expert" in tags:
+        return Role.EXPERT
+    if "embedding.dim" in tags or "norm.features" in tags:
+        return Role.HIDDEN
+    if "moe.ffn_in" in tags or "moe.ffn_out" in tags:
+        return Role.EXPERT_NEURON
+    if "conv.out" in tags or "conv.groups" in tags or "norm.batch" in tags or "norm.group" in tags:
+        return Role.CONV_CHANNEL
+    if "linear.out" in tags and "linear.in" in tags and _layer_of(params) is not None:
+        return Role.MLP_NEURON
+    if "linear.out" in tags or "linear.in" in tags:
+        return Role.LINEAR_CHANNEL
+    return Role.UNKNOWN
+
+
+_SUFFIX = {Role.KV_GROUP: "kv_group", Role.HEAD: "head", Role.MLP_NEURON: "neuron", Role.EXPERT: "expert",
+           Role.EXPERT_NEURON: "expert_neuron", Role.HIDDEN: "hidden", Role.CONV_CHANNEL: "channel",
+           Role.LINEAR_CHANNEL: "channel", Role.UNKNOWN: "dim"}
+_TAG_SUFFIX = {"attn.head_dim": "head_dim", "expand": "expanded"}
+
+
+def _make_group(leaf: Atom, slices: list[Slice], module: nn.Module | None) -> Group:
+    params = sorted({s.param for s in slices})
+    role = _role(leaf, params)
+    owners = sorted({_owner(p) for p in params})
+    prefix = _common_prefix(owners)
+    if role in (Role.KV_GROUP, Role.HEAD, Role.MLP_NEURON, Role.EXPERT, Role.EXPERT_NEURON) and prefix in owners and len(owners) > 1:
+        prefix = _owner(prefix)
+    suffix = next((s for t, s in _TAG_SUFFIX.items() if t in leaf.tags), None) if role == Role.UNKNOWN else None
+    name = f"{prefix or 'model'}:{suffix or _SUFFIX[role]}"
+    reasons = sorted(leaf.reasons)
+    g = Group(name, leaf.size, slices, role, _layer_of(params))
+    if reasons:
+        g.prunable = False
+        g.reason = "; ".join(reasons[:3]) + (f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else "")
+    if leaf.inexact:
+        g.exact = False
+        g.inexact_reason = "; ".join(sorted(leaf.inexact)[:3])
+    if module is not None and g.prunable:
+        g.attrs = _attr_updates(leaf, g, owners, module)
+    if role == Role.EXPERT_NEURON:
+        # torch's grouped_mm (transformers' default MoE path) needs 16-byte aligned strides
+        g.multiple_of = max(1, 16 // _element_size(module, params))
+    return g
+
+
+def _element_size(module: nn.Module | None, params: list[str]) -> int:
+    if module is None:
+        return 4
+    named = dict(module.named_parameters())
+    return min((named[p].element_size() for p in params if p in named), default=4)
+
+
+def _candidate_modules(owners: list[str], module: nn.Module) -> list[tuple[str, nn.Module]]:
+    seen: dict[str, nn.Module] = {}
+    for o in owners:
+        for path in (o, _owner(o)):
+            if path in seen:
+                continue
+            try:
+                seen[path] = module.get_submodule(path) if path else module
+            except AttributeError:
+                continue
+    return list(seen.items())
+
+
+def _attr_updates(leaf: Atom, g: Group, owners: list[str], module: nn.Module) -> list[AttrUpdate]:
+    out: list[AttrUpdate] = []
+    if g.role in (Role.KV_GROUP, Role.HEAD):
+        hq = leaf.tags.get("attn.q_heads")
+        hk = leaf.tags.get("attn.kv_heads", hq)
+        if not isinstance(hq, int) or not isinstance(hk, int) or hk == 0:
+            return out
+        G = hq // hk
+        for path, mod in _candidate_modules(owners, module):
+            if isinstance(mod, (nn.Linear, nn.Conv1d)) or type(mod).__name__ == "Conv1D":
+                continue
+            head_dim = getattr(mod, "head_dim", None) or getattr(mod, "attention_head_size", None) or getattr(mod, "head_size", None)
+            for attr in _Q_COUNT:
+                if getattr(mod, attr, None) == hq and isinstance(getattr(mod, attr), int):
+                    out.append(AttrUpdate(path, attr, G))
+            for attr in _KV_COUNT:
+                if getattr(mod, attr, None) == hk and isinstance(getattr(mod, attr), int):
+                    out.append(AttrUpdate(path, attr, 1))
+            if isinstance(head_dim, int):
+                for attr in _HEAD_WIDTH:
+                    if getattr(mod, attr, None) == hq * head_dim and isinstance(getattr(mod, attr), int):
+                        out.append(AttrUpdate(path, attr, G * head_dim))
+    elif g.role == Role.EXPERT:
+        for path, mod in _candidate_modules(owners, module):
+            for attr in _EXPERT_COUNT:
+                if getattr(mod, attr, None) == g.size and isinstance(getattr(mod, attr), int):
+                    out.append(AttrUpdate(path, attr, 1))
+    return out
+
+
+def _name_uniquely(groups: list[Group]) -> None:
+    counts = Counter(g.name for g in groups)
+    seen: Counter = Counter()
+    for g in groups:
+        if counts[g.name] > 1:
+            seen[g.name] += 1
+            g.name = f"{g.name}#{seen[g.name] - 1}"
+
+
+def prunable_groups(groups: list[Group], *, exact_only: bool = False) -> list[Group]:
+    return [g for g in groups if g.prunable and (g.exact or not exact_only)]
