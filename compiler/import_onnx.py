@@ -91,12 +91,16 @@ def normalize_onnx(model: ir.Model) -> ir.Model:
     fold_constants(model)
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     RemoveUnusedNodesPass()(model)
-    if any(v.shape is None for n in model.graph for v in n.outputs):
+    if any(_unknown_dims(v) for n in model.graph for v in n.outputs):
         try:
             ShapeInferencePass()(model)
         except Exception:  # noqa: BLE001 — shapes stay unknown; ops that need them lower to opaque
             pass
     return model
+
+
+def _unknown_dims(v: ir.Value) -> bool:
+    return v.shape is None or any(not isinstance(d, int) and getattr(d, "value", None) is None for d in v.shape)
 
 
 def onnx_scope(node: ir.Node) -> str:

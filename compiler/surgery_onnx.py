@@ -96,6 +96,8 @@ class _Surgeon:
         self.old_shapes: dict[int, list[Any]] = {}
         self.shape_writes: list[tuple[ir.Node, int, np.ndarray]] = []  # (node, input index, new constant)
         self.attr_writes: list[tuple[ir.Node, str, Any]] = []
+        self.dyn_writes: list[tuple[ir.Node, int, ir.Node, dict[int, np.ndarray]]] = []
+        self.witness = _witness_shapes(model)
 
     # -- bookkeeping -------------------------------------------------------------------------
     def get(self, v: ir.Value | None) -> Removed:
@@ -104,7 +106,7 @@ class _Surgeon:
     def shape(self, v: ir.Value, node: ir.Node) -> list[Any]:
         if id(v) in self.old_shapes:
             return self.old_shapes[id(v)]
-        dims = _dims(v)
+        dims = self.witness.get(v.name) or _dims(v)
         if dims is None:
             raise SlimcError(f"ONNX value '{v.name}' (input of node '{node.name}') has no known shape; "
                              "run onnx shape inference on the model first")
@@ -114,7 +116,7 @@ class _Surgeon:
         rem = {a: r for a, r in rem.items() if len(r)}
         if not rem:
             return
-        dims = self.shape(v, node) if v.shape is not None else None
+        dims = self.shape(v, node) if v.shape is not None or v.name in self.witness else None
         if dims is not None:
             for a in rem:
                 if not isinstance(dims[a], int):
@@ -366,6 +368,7 @@ class _Surgeon:
             return
         if prod is None or prod.op_type != "Concat":
             raise self.fail(n, "the target shape is computed at run time in a form slimc cannot rewrite")
+        pieces: dict[int, np.ndarray] = {}
         pos = 0
         for i, piece in enumerate(prod.inputs):
             arr = const_array(piece)
@@ -380,8 +383,33 @@ class _Surgeon:
                     for h in hit:
                         if new_piece[h] not in (-1, 0):
                             new_piece[h] = new[pos + h]
-                    self.shape_writes.append((prod, i, new_piece.reshape(arr.shape)))
+                    pieces[i] = new_piece.reshape(arr.shape).astype(arr.dtype)
             pos += length
+        if pieces:
+            self.dyn_writes.append((n, idx, prod, pieces))
+
+    def write_dynamic(self) -> None:
+        """Turn Concat piece rewrites into constant writes, cloning a Concat whose users disagree."""
+        by_prod: dict[int, list[tuple[ir.Node, int, ir.Node, dict[int, np.ndarray]]]] = defaultdict(list)
+        for w in self.dyn_writes:
+            by_prod[id(w[2])].append(w)
+        for writes in by_prod.values():
+            prod = writes[0][2]
+            out = prod.outputs[0]
+            uses = {(id(u), j) for u, j in out.uses()}
+            first = writes[0][3]
+            agree = all(w[3].keys() == first.keys() and all(np.array_equal(w[3][k], first[k]) for k in first) for w in writes)
+            if agree and uses == {(id(w[0]), w[1]) for w in writes}:
+                self.shape_writes += [(prod, i, arr) for i, arr in first.items()]
+                continue
+            for consumer, idx, _, pieces in writes:
+                clone = ir.Node(prod.domain, prod.op_type, list(prod.inputs), attributes=list(prod.attributes.values()),
+                                name=self.fresh(f"{prod.name}_slimc"))
+                clone.outputs[0].name = self.fresh(f"{out.name}_slimc")
+                clone.outputs[0].shape, clone.outputs[0].type = out.shape, out.type
+                self.graph.insert_before(consumer, clone)
+                consumer.replace_input_with(idx, clone.outputs[0])
+                self.shape_writes += [(clone, i, arr) for i, arr in pieces.items()]
 
     def concat(self, n: ir.Node) -> None:
         axis = int(n.attributes["axis"].value)
@@ -556,9 +584,19 @@ class _Surgeon:
             v.const_value = ir.tensor(np.ascontiguousarray(arr), name=name)
         for key, rem in self.rem.items():
             v = self.values[key]
-            if id(v) in self.old_shapes:
-                v.shape = ir.Shape(_shrunk(self.old_shapes[id(v)], rem))
+            if v.shape is not None:
+                # declared dims: static ones shrink; symbolic ones (batch x heads) stay symbolic
+                dims = list(v.shape)
+                for a, idx in rem.items():
+                    if isinstance(dims[a], int):
+                        dims[a] -= len(idx)
+                v.shape = ir.Shape(dims)
+        self.write_dynamic()
         self.n_const = self.write_constants()
+        if self.dyn_writes:  # shape Concats replaced by per-consumer clones are left without users
+            from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+            RemoveUnusedNodesPass()(self.model)
         for node, attr, value in self.attr_writes:
             if value is None:
                 node.attributes.pop(attr, None)
@@ -576,6 +614,14 @@ class _Surgeon:
         count = 0
         for key, writes in by_src.items():
             src = srcs[key]
+            unique: dict[tuple[int, int], tuple[ir.Node, int, np.ndarray]] = {}
+            for nd, i, arr in writes:  # the same input written twice (two users of one shape tensor)
+                prev = unique.get((id(nd), i))
+                if prev is not None and not np.array_equal(prev[2], arr):
+                    raise SlimcError(f"ONNX node '{nd.name}' input {i} would need two different shapes; "
+                                     "this plan prunes layers that share one shape constant differently")
+                unique[(id(nd), i)] = (nd, i, arr)
+            writes = list(unique.values())
             uses = {(id(u), j) for u, j in src.uses()} if src is not None else set()
             written = {(id(nd), i) for nd, i, _ in writes}
             same = all(np.array_equal(writes[0][2], w[2]) for w in writes)
@@ -598,11 +644,53 @@ class _Surgeon:
         return count
 
     def fresh(self, base: str) -> str:
-        names = set(self.graph.initializers) | {v.name for n in self.graph for v in n.outputs}
+        if not hasattr(self, "_taken"):
+            self._taken = set(self.graph.initializers) | {v.name for n in self.graph for v in n.outputs}
+            self._taken |= {n.name for n in self.graph} | {v.name for v in self.graph.inputs}
         k = 0
-        while f"{base}{k}" in names:
+        while f"{base}{k}" in self._taken:
             k += 1
+        self._taken.add(f"{base}{k}")
         return f"{base}{k}"
+
+
+_WITNESS_SIZES = (11, 13, 17, 19, 23, 29, 31, 37, 41, 43)
+
+
+def _witness_shapes(model: ir.Model) -> dict[str, list[int]]:
+    """Concrete shapes of every value for one choice of the symbolic input sizes ({} if static).
+
+    With dynamic axes a reshape may merge batch and heads into one run-time size; removed indices
+    are then tracked on these witness sizes (odd primes, unlikely to meet a channel count), and
+    only constants that encode channels are rewritten, so the pruned model stays dynamic.
+    """
+    import onnx
+
+    if not any(not isinstance(d, int) for v in model.graph.inputs if v.shape is not None for d in v.shape):
+        return {}
+    proto = ir.serde.serialize_model(model)
+    sizes: dict[str, int] = {}
+    for inp in proto.graph.input:
+        for d in inp.type.tensor_type.shape.dim:
+            if not d.HasField("dim_value"):
+                key = d.dim_param or f"?{len(sizes)}"
+                if key not in sizes:
+                    sizes[key] = _WITNESS_SIZES[len(sizes) % len(_WITNESS_SIZES)]
+                d.dim_value = sizes[key]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # noqa: BLE001 — no witness: symbolic axes then cannot be followed
+        return {}
+    out: dict[str, list[int]] = {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+            if all(isinstance(d, int) and d > 0 for d in dims):
+                out[vi.name] = dims
+    for init in inferred.graph.initializer:
+        out[init.name] = list(init.dims)
+    return out
 
 
 class _FakeNode:

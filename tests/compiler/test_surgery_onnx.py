@@ -231,3 +231,39 @@ def test_unknown_initializer_is_refused(tmp_path):
     grp = Group("x", 4, [Slice("no.such.weight", 0, block_index(4, 1))])
     with pytest.raises(SlimcError, match="not an initializer"):
         apply_plan_onnx(model, {grp: [1]})
+
+
+def _llama_plan(g, kv_drop: dict[int, list[int]], mlp_drop: dict[int, list[int]]):
+    plan, hd, G = {}, 8, 2
+    for layer in range(2):
+        p = f"m.model.layers.{layer}"
+        kv = Group(f"kv{layer}", 2, [
+            Slice(_param(g, f"{p}.self_attn.q_proj", "linear"), 1, block_index(2, G * hd)),
+            Slice(_param(g, f"{p}.self_attn.k_proj", "linear"), 1, block_index(2, hd)),
+            Slice(_param(g, f"{p}.self_attn.v_proj", "linear"), 1, block_index(2, hd)),
+            Slice(_param(g, f"{p}.self_attn.o_proj", "linear"), 0, block_index(2, G * hd)),
+        ], Role.KV_GROUP, layer)
+        one = block_index(48, 1)
+        mlp = Group(f"mlp{layer}", 48, [Slice(_param(g, f"{p}.mlp.{n}", "linear"), 1, one) for n in ("gate_proj", "up_proj")]
+                    + [Slice(_param(g, f"{p}.mlp.down_proj", "linear"), 0, one)], Role.MLP_NEURON, layer)
+        plan[kv] = kv_drop.get(layer, [])
+        plan[mlp] = mlp_drop.get(layer, [])
+    return plan
+
+
+def test_llama_dynamic_axes_stay_dynamic(tmp_path):
+    """Batch and sequence exported as dynamic: layers pruned differently share shape tensors."""
+    net = _tiny_llama()
+    ids = torch.randint(0, 64, (2, 8))
+    batch, seq = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("seq", min=2, max=32)
+    model = load_onnx(export_onnx(net, (ids,), tmp_path / "dyn.onnx", dynamic_shapes=({0: batch, 1: seq},)))
+    assert isinstance(model.graph.inputs[0].shape[0], ir.SymbolicDim)
+    plan = _llama_plan(import_onnx(model), {0: [1]}, {0: [3, 4], 1: list(range(0, 48, 3))})
+    stats, _, _ = _roundtrip(model, plan, feeds_for(model, (ids,)), tmp_path)
+    assert stats["params_removed"] == (32 * 16 * 2 + 32 * 8 * 2) + (2 + 16) * 3 * 32
+    # the pruned model still takes any batch and sequence length, and still equals the masked one
+    feeds = {"ids": np.random.default_rng(1).integers(0, 64, (3, 5)).astype(np.int64)}
+    y_pruned = run_ort(tmp_path / "pruned.onnx", feeds)[0]
+    y_masked = run_ort(tmp_path / "masked.onnx", feeds)[0]
+    assert y_pruned.shape == (3, 5, 64)
+    np.testing.assert_allclose(y_pruned, y_masked, rtol=0, atol=RTOL * max(1.0, float(np.abs(y_masked).max())))
