@@ -28,6 +28,7 @@ from slimc.passes.flap import Flap
 VARIANTS = {
     "flap": dict(metric="wifv", structure="AL-AM", compensation="mean"),
     "flap-lsq": dict(metric="wifv", structure="AL-AM", compensation="lsq"),
+    "flap-lsq-seq": dict(metric="wifv", structure="AL-AM", compensation="lsq-seq"),
     "flap-ifv": dict(metric="ifv", structure="AL-AM", compensation="mean"),
     "flap-wifn": dict(metric="wifn", structure="AL-AM", compensation="mean"),
     "flap-ul-um": dict(metric="wifv", structure="UL-UM", compensation="mean"),

@@ -281,19 +281,22 @@ def collect_input_stats(
     return {name: accs[name].result() for name in modules}
 
 
-def _layerwise(
-    module: nn.Module,
-    layers: nn.ModuleList,
-    batches: list[torch.Tensor],
-    in_layer: dict[int, list[str]],
-    accs: dict[str, _Accumulator],
-) -> None:
+def decoder_inputs(module: nn.Module, batches: list[torch.Tensor]) -> tuple[nn.ModuleList, list[tuple[torch.Tensor, dict[str, Any]]]]:
+    """The decoder layers and, per batch, the first layer's (hidden states, keyword arguments).
+
+    The model runs only up to its first decoder layer; the keyword arguments (rotary position
+    embeddings, attention mask, ...) are the same for every layer, so any layer can be run on
+    cached hidden states as `layer(hidden, **kwargs)`.
+    """
+    found = _decoder_layers(module)
+    if found is None:
+        raise SlimcError("not a decoder LLM slimc recognises: no model.layers list of decoder layers")
+    layers = found[1]
     captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
 
     def catch(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        captured.append((hidden, kwargs))
+        hidden = args[0] if args else kwargs["hidden_states"]
+        captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
         raise _StopForward
 
     handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
@@ -305,16 +308,31 @@ def _layerwise(
                 pass
     finally:
         handle.remove()
+    return layers, captured
+
+
+def layer_output(out: Any) -> torch.Tensor:
+    """A decoder layer's hidden states, whether it returns a tensor or a tuple."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _layerwise(
+    module: nn.Module,
+    layers: nn.ModuleList,
+    batches: list[torch.Tensor],
+    in_layer: dict[int, list[str]],
+    accs: dict[str, _Accumulator],
+) -> None:
+    layers, captured = decoder_inputs(module, batches)
     last = max(in_layer)
     for i in range(last + 1):
         layer = layers[i]
-        names = in_layer.get(i, [])
-        handles = _hook_inputs(module, names, accs)
+        handles = _hook_inputs(module, in_layer.get(i, []), accs)
         try:
             for b, (hidden, kwargs) in enumerate(captured):
                 out = layer(hidden, **kwargs)
                 if i < last:
-                    captured[b] = (out[0] if isinstance(out, tuple) else out, kwargs)
+                    captured[b] = (layer_output(out), kwargs)
         finally:
             for h in handles:
                 h.remove()

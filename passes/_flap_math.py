@@ -225,3 +225,28 @@ def lsq_compensation(
     w_new = w_k + delta
     b = w @ mu - w_new @ mu[kept]
     return w_new, b
+
+
+def lsq_cross(
+    weight: torch.Tensor,
+    kept: torch.Tensor,
+    mean_x: torch.Tensor,
+    mean_z: torch.Tensor,
+    cov_xz: torch.Tensor,
+    cov_zz: torch.Tensor,
+    ridge: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W' [d_out, k], b): least-squares fit of the dense output W x from other inputs z.
+
+    z are the kept channels as the pruned model computes them (its earlier layers already pruned),
+    x the dense model's full input for the same tokens. The ridge pulls W' towards the unchanged
+    kept columns W_K: W' = (W C_xz + rW_K)(C_zz + rI)^-1, b = W E[x] - W' E[z]. With z = x_K this
+    is exactly `lsq_compensation`.
+    """
+    w = weight.detach().double()
+    damp = ridge * float(torch.diagonal(cov_zz).mean().clamp_min(1e-12))
+    a = cov_zz.double() + damp * torch.eye(cov_zz.shape[0], dtype=torch.float64)
+    rhs = w @ cov_xz.double() + damp * w[:, kept]
+    w_new = torch.linalg.solve(a, rhs.T).T
+    b = w @ mean_x.double() - w_new @ mean_z.double()
+    return w_new, b

@@ -9,7 +9,9 @@ highest-scoring are kept until the kept parameters are nearest (1 - sparsity) of
 attention+MLP parameters; a KV group costs (2G+2)*head_dim*hidden parameters, a neuron 3*hidden.
 Removed channels are compensated by a bias on o_proj / down_proj, b = W[:, R] mean(x_R), so the
 layer's mean output on calibration data is unchanged; `compensation: lsq` also refits the kept
-columns by least squares (see `_flap_math`).
+columns by least squares on the dense statistics (see `_flap_math`), and `compensation: lsq-seq`
+refits layer by layer against the dense model's outputs on the already-pruned prefix (see
+`_compensation`).
 
     name: flap-20
     passes:
@@ -34,6 +36,7 @@ from ..compiler.model import Model
 from ..compiler.pipeline import Pass, PassConfig, PassContext, PassResult, register_pass
 from ..compiler.surgery import apply_plan
 from . import _flap_math as fm
+from ._compensation import sequential_lsq
 
 
 class FlapConfig(PassConfig):
@@ -42,7 +45,7 @@ class FlapConfig(PassConfig):
     structure: Literal["UL-UM", "UL-MM", "AL-MM", "AL-AM"] = "AL-AM"
     attn_sparsity: float | None = Field(None, ge=0.0, lt=1.0, description="UL-MM/AL-MM: attention's own removal fraction")
     bias_compensation: bool = True
-    compensation: Literal["mean", "lsq"] = "mean"
+    compensation: Literal["mean", "lsq", "lsq-seq"] = "mean"
     lsq_ridge: float = Field(0.01, gt=0.0, description="lsq: ridge, relative to the mean kept-channel variance")
     calibration: str = Field("pydoc", description="calibration text when the context gives none: pydoc, .txt, .jsonl")
     samples: int = Field(128, ge=1)
@@ -55,8 +58,8 @@ class FlapConfig(PassConfig):
 
     @model_validator(mode="after")
     def _check(self) -> "FlapConfig":
-        if self.compensation == "lsq" and not self.bias_compensation:
-            raise ValueError("compensation 'lsq' includes the mean bias; set bias_compensation: true or use compensation: mean")
+        if self.compensation != "mean" and not self.bias_compensation:
+            raise ValueError(f"compensation '{self.compensation}' includes the mean bias; set bias_compensation: true or use compensation: mean")
         if self.attn_sparsity is not None and self.structure not in ("UL-MM", "AL-MM"):
             raise ValueError("attn_sparsity only applies to structures UL-MM and AL-MM")
         return self
@@ -146,7 +149,7 @@ def plan_flap(model: Model, tokens: torch.LongTensor, cfg: "FlapConfig", stats: 
         removed_cost += a_rm.numel() * a_set.cost + m_rm.numel() * m_set.cost
         plan[v.kv_group] = a_rm
         plan[v.mlp_neuron] = m_rm
-        if cfg.bias_compensation:
+        if cfg.bias_compensation and cfg.compensation != "lsq-seq":  # lsq-seq refits while it prunes
             for path, group, rm in ((f"{v.attn}.o_proj", v.kv_group, a_rm), (f"{v.mlp}.down_proj", v.mlp_neuron, m_rm)):
                 if rm.numel():
                     index = _input_slice(group, f"{path}.weight")
@@ -214,8 +217,15 @@ class Flap(Pass):
             return PassResult(model, False, {"params_removed": 0, "sparsity": 0.0})
         tokens = calibration_tokens(model, ctx, cfg.calibration, cfg.samples, cfg.seq_len, cfg.seed)
         fp = plan_flap(model, tokens, cfg)
-        compensate(model.module, fp.compensations)
-        removed = apply_plan(model.module, fp.plan)["params_removed"]
+        if cfg.compensation == "lsq-seq":
+            before = _params_without_output_bias(model.module)
+            t0 = time.perf_counter()
+            sequential_lsq(model.module, decoder_layers(model), fp.plan, tokens, ridge=cfg.lsq_ridge, batch_size=cfg.batch_size)
+            fp.stats["refit_seconds"] = round(time.perf_counter() - t0, 3)
+            removed = before - _params_without_output_bias(model.module)
+        else:
+            compensate(model.module, fp.compensations)
+            removed = apply_plan(model.module, fp.plan)["params_removed"]
         return PassResult(model, removed > 0, {"params_removed": removed, **fp.stats})
 
     def ensures(self, model: Model, ctx: PassContext) -> None:
@@ -227,3 +237,7 @@ class Flap(Pass):
             if mlp.down_proj.weight.shape[1] != mlp.up_proj.weight.shape[0]:
                 raise RuntimeError(f"layer {v.index}: down_proj input != up_proj output")
 
+
+def _params_without_output_bias(module: nn.Module) -> int:
+    """Parameter count leaving out o_proj/down_proj biases, which compensation adds (not removals)."""
+    return sum(p.numel() for n, p in module.named_parameters() if not n.endswith(("o_proj.bias", "down_proj.bias")))
