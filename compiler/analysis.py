@@ -2,6 +2,7 @@
 
     graph = import_module(model, {"input_ids": ids})
     groups = find_groups(graph, model)      # list[Group], in the format of compiler/groups.py
+    groups = model_groups(slimc_model)      # the same from a slimc Model (torch or ONNX)
 
 Every axis of every tensor becomes a channel atom (`compiler/channel_atoms.py`); every op's rule
 (`compiler/dim_rules.py`) unifies, refines or blocks atoms. A group is one final leaf class that
@@ -22,13 +23,18 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
+from typing import Any
 
+import torch
 from torch import nn
 
 from .channel_atoms import Atom, block, find, leaves, positions
 from .dim_rules import DimState, run_rules
 from .groups import AttrUpdate, Group, Role, Slice
+from .errors import SlimcError
+from .import_torch import import_module
 from .ir import Graph
+from .model import Model
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|stages|encoder\.layer)\.(\d+)\.")
 
@@ -50,12 +56,14 @@ def find_groups(graph: Graph, module: nn.Module | None = None) -> list[Group]:
             for leaf, index in positions(a).values():
                 roots[leaf.id] = leaf
                 slices[leaf.id].append(Slice(name, axis, index))
+    # the module that reads a tensor names it better than an initializer name (ONNX: val_105)
+    owners = {name: next((u.module for u in v.users if u.module), "") or _owner(name) for name, v in graph.params.items()}
     groups: list[Group] = []
     for lid, sl in slices.items():
         leaf = find(roots[lid])
         if leaf.size == 1:
             block(leaf, "a single channel: removing it would leave an empty axis")
-        groups.append(_make_group(leaf, sl, module))
+        groups.append(_make_group(leaf, sl, module, owners))
     _name_uniquely(groups)
     return groups
 
@@ -126,17 +134,17 @@ _SUFFIX = {Role.KV_GROUP: "kv_group", Role.HEAD: "head", Role.MLP_NEURON: "neuro
 _TAG_SUFFIX = {"attn.head_dim": "head_dim", "expand": "expanded"}
 
 
-def _make_group(leaf: Atom, slices: list[Slice], module: nn.Module | None) -> Group:
+def _make_group(leaf: Atom, slices: list[Slice], module: nn.Module | None, owner_of: dict[str, str]) -> Group:
     params = sorted({s.param for s in slices})
-    role = _role(leaf, params)
-    owners = sorted({_owner(p) for p in params})
+    owners = sorted({owner_of.get(p) or _owner(p) for p in params})
+    role = _role(leaf, [f"{o}." for o in owners])
     prefix = _common_prefix(owners)
     if role in (Role.KV_GROUP, Role.HEAD, Role.MLP_NEURON, Role.EXPERT, Role.EXPERT_NEURON) and prefix in owners and len(owners) > 1:
         prefix = _owner(prefix)
     suffix = next((s for t, s in _TAG_SUFFIX.items() if t in leaf.tags), None) if role == Role.UNKNOWN else None
     name = f"{prefix or 'model'}:{suffix or _SUFFIX[role]}"
     reasons = sorted(leaf.reasons)
-    g = Group(name, leaf.size, slices, role, _layer_of(params))
+    g = Group(name, leaf.size, slices, role, _layer_of([f"{o}." for o in owners]))
     if reasons:
         g.prunable = False
         g.reason = "; ".join(reasons[:3]) + (f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else "")
@@ -208,6 +216,27 @@ def _name_uniquely(groups: list[Group]) -> None:
         if counts[g.name] > 1:
             seen[g.name] += 1
             g.name = f"{g.name}#{seen[g.name] - 1}"
+
+
+def model_graph(model: Model, example_inputs: dict[str, Any] | None = None) -> Graph:
+    """The IR of a slimc `Model`: ONNX models through the ONNX importer, torch models through
+    torch.export with `example_inputs`, else `model.example_inputs`, else (a causal LM) 8 tokens."""
+    if model.is_onnx:
+        from .import_onnx import import_onnx
+
+        return import_onnx(model.onnx)
+    inputs = example_inputs or model.example_inputs
+    if inputs is None:
+        if not model.is_causal_lm:
+            raise SlimcError("analysing this model needs example inputs: set Model.example_inputs (forward kwargs)")
+        vocab = int(getattr(model.config, "vocab_size", 2) or 2)
+        inputs = {"input_ids": torch.arange(8, dtype=torch.long)[None, :] % vocab}
+    return import_module(model.module, inputs)
+
+
+def model_groups(model: Model, example_inputs: dict[str, Any] | None = None) -> list[Group]:
+    """`find_groups` on a slimc `Model` (see `model_graph` for the example inputs used)."""
+    return find_groups(model_graph(model, example_inputs), None if model.is_onnx else model.module)
 
 
 def prunable_groups(groups: list[Group], *, exact_only: bool = False) -> list[Group]:

@@ -269,3 +269,44 @@ def test_rope_pairs_and_head_dim_stay_whole():
     rope = next(g for g in head_dim if any(s.param.endswith("k_proj.weight") for s in g.slices))
     k = next(s for s in rope.slices if s.param == "model.layers.0.self_attn.k_proj.weight")
     assert sorted(k.index[0].tolist()) == [0, 4, 8, 12]
+
+
+def _tiny_mixtral():
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_moe_groups_do_not_depend_on_the_example_routing():
+    """One token reaches 2 of 4 experts; eight reach all: the groups must be the same."""
+    model = _tiny_mixtral()
+    one = _groups(model, input_ids=torch.randint(0, 64, (1, 1)))
+    many = _groups(model, input_ids=torch.randint(0, 64, (1, 8)))
+    key = lambda gs: sorted((g.role, g.size, g.prunable, tuple(sorted(_slices(g)))) for g in gs if g.role.startswith("moe"))
+    assert key(one) == key(many)
+    expert = next(g for g in one if g.role == Role.EXPERT)
+    assert expert.size == 4 and expert.prunable and not expert.exact
+    assert {s.param for s in expert.slices} == {"model.layers.0.mlp.gate.weight", "model.layers.0.mlp.experts.gate_up_proj",
+                                                 "model.layers.0.mlp.experts.down_proj"}
+    assert all(s.axis == 0 for s in expert.slices)
+    neuron = next(g for g in one if g.role == Role.EXPERT_NEURON)
+    gate_up = next(s for s in neuron.slices if s.param.endswith("gate_up_proj"))
+    assert gate_up.axis == 1 and gate_up.index[5].tolist() == [5, 5 + 24]  # gate row j with up row j
+    assert neuron.multiple_of == 4  # grouped_mm needs 16-byte strides (fp32)
+
+
+def test_model_groups_on_a_slimc_model_and_advice_without_inputs():
+    from slimc.compiler.analysis import model_groups
+    from slimc.compiler.errors import SlimcError
+    from slimc.compiler.model import Model
+
+    llm = _tiny_llama(2)
+    groups = model_groups(Model(module=llm, config=llm.config))  # a causal LM: 8 tokens by default
+    assert sum(g.role == Role.KV_GROUP for g in groups) == 3
+    net = Chain()
+    with pytest.raises(SlimcError, match="example inputs"):
+        model_groups(Model(module=net))
+    assert len(prunable_groups(model_groups(Model(module=net, example_inputs={"x": torch.randn(2, 6)})))) == 2
