@@ -22,8 +22,10 @@ from slimc.compiler.evaluation import heldout_tokens, perplexity
 from slimc.compiler.llm import decoder_layers
 from slimc.compiler.model import Model
 from slimc.compiler.pipeline import PassContext
+from slimc.compiler.calibration import collect_input_stats, open_source
 from slimc.compiler.surgery import apply_plan
-from slimc.passes.flap import Flap
+from slimc.passes._compensation import sequential_lsq
+from slimc.passes.flap import FlapConfig, compensate, flap_targets, plan_flap
 
 VARIANTS = {
     "flap": dict(metric="wifv", structure="AL-AM", compensation="mean"),
@@ -68,18 +70,24 @@ def magnitude_prune(model: Model, sparsity: float) -> dict:
 
 def attn_mlp_params(model: Model) -> int:
     return sum(
-        p.numel() for v in decoder_layers(model) for path in (v.attn, v.mlp) for p in model.module.get_submodule(path).parameters()
+        p.numel()
+        for v in decoder_layers(model)
+        for path in (v.attn, v.mlp)
+        for n, p in model.module.get_submodule(path).named_parameters()
+        if n.endswith("weight")  # compensation biases are not counted as kept weights
     )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sparsity", type=float, nargs="+", default=[0.2, 0.5])
-    ap.add_argument("--variants", nargs="+", default=["magnitude", "flap", "flap-lsq"], choices=["magnitude", *VARIANTS])
+    ap.add_argument("--variants", nargs="+", default=["magnitude", "flap", "flap-lsq", "flap-lsq-seq"], choices=["magnitude", *VARIANTS])
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-dense", action="store_true")
+    ap.add_argument("--stats-cache", help="save/reuse the calibration statistics at this path")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -90,8 +98,20 @@ def main() -> None:
     base_params = attn_mlp_params(dense)
     rows = []
     t0 = time.perf_counter()
-    rows.append(("dense", 0.0, 0.0, dense.num_parameters(), perplexity(dense, ev, 512, args.eval_windows), 0.0))
-    print(f"# dense eval {time.perf_counter() - t0:.1f} s", flush=True)
+    if not args.skip_dense:
+        rows.append(("dense", 0.0, 0.0, dense.num_parameters(), perplexity(dense, ev, 512, args.eval_windows), 0.0))
+        print(f"# dense eval {time.perf_counter() - t0:.1f} s", flush=True)
+    # one calibration run (with Gram matrices, which lsq needs) serves every row; `prune time` is
+    # the planning + compensation + surgery after it (lsq-seq: plus its own sequential pass)
+    tokens = open_source("pydoc").windows(dense.tokenizer, args.samples, args.seq_len, 0)
+    t0 = time.perf_counter()
+    if args.stats_cache and os.path.exists(args.stats_cache):
+        stats = torch.load(args.stats_cache, weights_only=False)
+    else:
+        stats = collect_input_stats(dense, tokens, flap_targets(dense), gram=True)
+        if args.stats_cache:
+            torch.save(stats, args.stats_cache)
+    print(f"# calibration statistics (with Gram) {time.perf_counter() - t0:.1f} s", flush=True)
     for p in args.sparsity:
         for name in args.variants:
             m = dense.clone()
@@ -99,8 +119,13 @@ def main() -> None:
             if name == "magnitude":
                 magnitude_prune(m, p)
             else:
-                opts = dict(VARIANTS[name], sparsity=p, samples=args.samples, seq_len=args.seq_len, seed=0)
-                Flap(**opts)(m, PassContext())
+                cfg = FlapConfig(**VARIANTS[name], sparsity=p, samples=args.samples, seq_len=args.seq_len, seed=0)
+                fp = plan_flap(m, tokens, cfg, stats)
+                if cfg.compensation == "lsq-seq":
+                    sequential_lsq(m.module, decoder_layers(m), fp.plan, tokens, ridge=cfg.lsq_ridge)
+                else:
+                    compensate(m.module, fp.compensations)
+                    apply_plan(m.module, fp.plan)
             dt = time.perf_counter() - t0
             achieved = 1.0 - attn_mlp_params(m) / base_params
             ppl = perplexity(m, ev, 512, args.eval_windows)
@@ -109,7 +134,7 @@ def main() -> None:
             del m
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print()
-    print("| method | target p | achieved p (attn+MLP) | params | PPL (pydoc eval, 16x512) | prune time (s) |")
+    print("| method | target p | achieved p (attn+MLP) | params | PPL (pydoc eval, 16x512) | prune time after calibration (s) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, p, ach, n, ppl, dt in rows:
         print(f"| {name} | {p:.2f} | {ach:.4f} | {n:,} | {ppl:.2f} | {dt:.1f} |")

@@ -275,7 +275,7 @@ def collect_input_stats(
                 for h in handles:
                     h.remove()
         if in_layer:
-            _layerwise(module, found[1], batches, in_layer, accs)
+            _layerwise(module, batches, in_layer, accs)
     finally:
         module.train(was_training)
     return {name: accs[name].result() for name in modules}
@@ -318,7 +318,6 @@ def layer_output(out: Any) -> torch.Tensor:
 
 def _layerwise(
     module: nn.Module,
-    layers: nn.ModuleList,
     batches: list[torch.Tensor],
     in_layer: dict[int, list[str]],
     accs: dict[str, _Accumulator],
