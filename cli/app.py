@@ -258,16 +258,19 @@ def llm_summary(model: Any) -> dict[str, Any]:
 
 
 def generic_groups(model: Any) -> list[dict[str, Any]] | None:
-    """Groups from engineer A's coupled-dimension analysis, when that module exists."""
+    """Groups from engineer A's coupled-dimension analysis on the graph IR (None when it cannot run)."""
     if importlib.util.find_spec("slimc.compiler.analysis") is None:
         return None
     analysis = importlib.import_module("slimc.compiler.analysis")
-    if not hasattr(analysis, "find_groups"):
-        return None
-    groups = analysis.find_groups(model)
+    if model.is_onnx:
+        graph = importlib.import_module("slimc.compiler.import_onnx").import_onnx(model.onnx)
+    elif model.example_inputs:
+        graph = importlib.import_module("slimc.compiler.import_torch").import_module(model.module, model.example_inputs)
+    else:
+        return None  # a torch module without example inputs cannot be traced
     return [
         {"name": g.name, "role": g.role, "layer": g.layer, "size": g.size, "prunable": g.prunable, "reason": g.reason}
-        for g in groups
+        for g in analysis.find_groups(graph, model.module)
     ]
 
 

@@ -115,8 +115,43 @@ def write_onnx(model: Model, out_dir: Path) -> Path:
     return path
 
 
+def _run(module: nn.Module, inputs: dict[str, Any]) -> np.ndarray:
+    with torch.no_grad():
+        out = module(**inputs)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return out.detach().cpu().to(torch.float64).numpy()
+
+
+def _to64(v: Any) -> Any:
+    return v.to(torch.float64) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+
+def float64_errors(module: nn.Module, samples: list[dict[str, Any]], outputs: list[np.ndarray]) -> tuple[float, float]:
+    """(max |outputs - exact|, max |PyTorch fp32 - exact|), "exact" being the module run in float64.
+
+    Deep models with outlier activations (SmolLM2 after pruning) have fp32 rounding noise above
+    1e-3 in their logits in PyTorch itself; this tells such noise apart from an export error.
+    The module is converted in place and back (fp32 -> fp64 -> fp32 is lossless).
+    """
+    dtype = next(iter(module.parameters())).dtype
+    ref32 = [_run(module, x) for x in samples]
+    module.to(torch.float64)
+    try:
+        exact = [_run(module, {k: _to64(v) for k, v in x.items()}) for x in samples]
+    finally:
+        module.to(dtype)
+    runtime = max(float(np.abs(o - e).max()) for o, e in zip(outputs, exact))
+    torch32 = max(float(np.abs(r - e).max()) for r, e in zip(ref32, exact))
+    return runtime, torch32
+
+
 def verify_onnx(model: Model, path: Path, atol: float | None = None) -> dict[str, Any]:
-    """Run ONNX Runtime on sample inputs and compare with PyTorch; fail beyond tolerance."""
+    """Run ONNX Runtime on sample inputs and compare with PyTorch; fail beyond tolerance.
+
+    When the plain difference exceeds `atol`, both runtimes are compared with a float64 PyTorch run:
+    ONNX Runtime passes if it is no further from exact maths than max(atol, 2 x PyTorch fp32's own
+    error). Both numbers go into the report.
+    """
     import onnxruntime as ort
 
     try:
@@ -126,33 +161,39 @@ def verify_onnx(model: Model, path: Path, atol: float | None = None) -> dict[str
     if model.is_onnx:
         return {"check": "ort session opens", "ok": True, "runtime": f"onnxruntime {ort.__version__}"}
     module, example, _, more = export_spec(model)
-    atol = atol if atol is not None else (LLM_ATOL if model.is_causal_lm else None)
-    worst_abs, worst_rel, shapes = 0.0, 0.0, []
+    samples = [example, *more]
     names = [i.name for i in session.get_inputs()]
-    for inputs in [example, *more]:
-        feeds = {n: inputs[n].cpu().numpy() for n in names}
-        got = session.run(None, feeds)[0]
-        with torch.no_grad():
-            ref = module(**inputs)
-        ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).detach().float().cpu().numpy()
+    worst_abs, worst_rel, scale, outputs = 0.0, 0.0, 0.0, []
+    for inputs in samples:
+        got = session.run(None, {n: inputs[n].cpu().numpy() for n in names})[0].astype(np.float64)
+        ref = _run(module, inputs)
         if got.shape != ref.shape:
             raise SlimcError(f"ONNX output shape {got.shape} differs from PyTorch {ref.shape}")
+        outputs.append(got)
         diff = float(np.abs(got - ref).max()) if ref.size else 0.0
-        scale = float(np.abs(ref).max()) if ref.size else 0.0
+        scale = max(scale, float(np.abs(ref).max()) if ref.size else 0.0)
         worst_abs = max(worst_abs, diff)
         worst_rel = max(worst_rel, diff / scale if scale > 0 else 0.0)
-        shapes.append([list(v.shape) for v in inputs.values() if isinstance(v, torch.Tensor)])
-    limit = atol if atol is not None else 1e-3 * max(1.0, scale)
+    limit = atol if atol is not None else (LLM_ATOL if model.is_causal_lm else 1e-3 * max(1.0, scale))
     result = {
         "check": "onnxruntime vs pytorch",
         "runtime": f"onnxruntime {ort.__version__}",
         "opset": OPSET,
-        "input_shapes": shapes,
+        "input_shapes": [[list(v.shape) for v in x.values() if isinstance(v, torch.Tensor)] for x in samples],
         "max_abs_diff": worst_abs,
         "max_rel_diff": worst_rel,
         "atol": limit,
         "ok": worst_abs <= limit,
     }
     if not result["ok"]:
-        raise SlimcError(f"ONNX Runtime output differs from PyTorch by {worst_abs:.3g} (> {limit:g}); nothing was written")
+        ort_err, torch_err = float64_errors(module, samples, outputs)
+        bound = max(limit, 2 * torch_err)
+        result["float64_check"] = {"onnxruntime_vs_fp64": ort_err, "pytorch_fp32_vs_fp64": torch_err, "bound": bound}
+        result["ok"] = ort_err <= bound
+    if not result["ok"]:
+        raise SlimcError(
+            f"ONNX Runtime output differs from PyTorch by {worst_abs:.3g} (> {limit:g}) and from a float64 run by "
+            f"{result['float64_check']['onnxruntime_vs_fp64']:.3g} (PyTorch fp32: "
+            f"{result['float64_check']['pytorch_fp32_vs_fp64']:.3g}); nothing was written"
+        )
     return result

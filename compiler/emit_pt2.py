@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from .emit_onnx import export_spec, positional, quiet
+from .emit_onnx import _run, export_spec, float64_errors, positional, quiet
 from .errors import SlimcError
 from .model import Model
 
@@ -35,20 +36,28 @@ def write_pt2(model: Model, out_dir: Path) -> Path:
 
 
 def verify_pt2(model: Model, path: Path, atol: float = 1e-4) -> dict[str, Any]:
-    """Load the saved program and compare its outputs with the module on other input shapes."""
+    """Load the saved program and compare its outputs with the module on other input shapes
+    (beyond `atol`, judged against a float64 run as in `emit_onnx.verify_onnx`)."""
     module, example, _, more = export_spec(model)
+    samples = [example, *more]
     loaded = torch.export.load(str(path)).module()
-    worst = 0.0
-    for inputs in [example, *more]:
+    worst, outputs = 0.0, []
+    for inputs in samples:
+        args, kwargs, _, _ = positional(module, inputs, {k: None for k in inputs})
         with torch.no_grad():
-            args, kwargs, _, _ = positional(module, inputs, {k: None for k in inputs})
-            ref, got = module(*args, **kwargs), loaded(*args, **kwargs)
-        ref = ref[0] if isinstance(ref, (tuple, list)) else ref
-        got = got[0] if isinstance(got, (tuple, list)) else got
+            got = loaded(*args, **kwargs)
+        got = (got[0] if isinstance(got, (tuple, list)) else got).detach().cpu().to(torch.float64).numpy()
+        ref = _run(module, inputs)
         if got.shape != ref.shape:
             raise SlimcError(f".pt2 output shape {tuple(got.shape)} differs from PyTorch {tuple(ref.shape)}")
-        worst = max(worst, float((got.float() - ref.float()).abs().max()) if ref.numel() else 0.0)
+        outputs.append(got)
+        worst = max(worst, float(np.abs(got - ref).max()) if ref.size else 0.0)
     result = {"check": "torch.export.load vs module", "max_abs_diff": worst, "atol": atol, "ok": worst <= atol}
+    if not result["ok"]:
+        exported_err, torch_err = float64_errors(module, samples, outputs)
+        bound = max(atol, 2 * torch_err)
+        result["float64_check"] = {"pt2_vs_fp64": exported_err, "pytorch_fp32_vs_fp64": torch_err, "bound": bound}
+        result["ok"] = exported_err <= bound
     if not result["ok"]:
         raise SlimcError(f"the exported .pt2 differs from the model by {worst:.3g} (> {atol:g}); nothing was written")
     return result

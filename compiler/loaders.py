@@ -289,9 +289,22 @@ def load_gguf(path: Path) -> Model:
             module = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError, KeyError, struct.error) as e:
         raise SlimcError(f"{path}: cannot load the GGUF model ({type(e).__name__}: {_first_line(e)})") from None
+    _forget_gguf_quantization(module)
     module.eval()
     tokenizer = _tokenizer(path.parent, gguf_file=path.name)
     return Model(module=module, config=module.config, tokenizer=tokenizer, source=path, source_format="gguf")
+
+
+def _forget_gguf_quantization(module: nn.Module) -> None:
+    """The weights are de-quantised floats now; the GGUF quantizer left on the model would make
+    save_pretrained refuse ("not serializable") and write a gguf quantization_config."""
+    module.hf_quantizer = None
+    if hasattr(module.config, "quantization_config"):
+        del module.config.quantization_config
+    for sub in module.modules():
+        cfg = getattr(sub, "config", None)
+        if cfg is not None and getattr(cfg, "_is_quantized", False):
+            cfg._is_quantized = False  # lets .to(dtype) and training work as for any float model
 
 
 # ---------------------------------------------------------------- torch.export, ONNX, pickles

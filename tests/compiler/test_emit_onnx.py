@@ -72,3 +72,17 @@ def test_non_llm_without_example_inputs_is_refused(tmp_path):
     model = Model(module=torch.nn.Linear(3, 3))
     with pytest.raises(SlimcError, match="example inputs"):
         write_onnx(model, tmp_path)
+
+
+def test_float64_errors_measures_both_sides():
+    from slimc.compiler.emit_onnx import float64_errors
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).eval()
+    samples = [{"input": torch.randn(3, 16)}]
+    with torch.no_grad():
+        exact = net.double()(samples[0]["input"].double()).numpy()
+    net.float()
+    runtime, torch32 = float64_errors(net, samples, [exact + 1e-3])
+    assert abs(runtime - 1e-3) < 1e-9 and 0 < torch32 < 1e-5
+    assert next(net.parameters()).dtype == torch.float32  # converted back
