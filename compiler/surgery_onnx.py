@@ -366,6 +366,8 @@ class _Surgeon:
         changed = [k for k in range(len(old)) if old[k] != new[k]]
         if not changed:
             return
+        if prod is not None and prod.op_type == "Shape" and self.shape_of_shape(prod) == list(new):
+            return  # the target is read from a tensor that shrank the same way: right at run time
         if prod is None or prod.op_type != "Concat":
             raise self.fail(n, "the target shape is computed at run time in a form slimc cannot rewrite")
         pieces: dict[int, np.ndarray] = {}
@@ -387,6 +389,14 @@ class _Surgeon:
             pos += length
         if pieces:
             self.dyn_writes.append((n, idx, prod, pieces))
+
+    def shape_of_shape(self, shape_node: ir.Node) -> list[Any]:
+        """What a Shape node returns once the plan is applied (its start/end attributes honoured)."""
+        src = shape_node.inputs[0]
+        dims = _shrunk(self.shape(src, shape_node), self.get(src))
+        start = int(shape_node.attributes["start"].value) if "start" in shape_node.attributes else 0
+        end = int(shape_node.attributes["end"].value) if "end" in shape_node.attributes else len(dims)
+        return dims[slice(start, end)]
 
     def write_dynamic(self) -> None:
         """Turn Concat piece rewrites into constant writes, cloning a Concat whose users disagree."""

@@ -328,3 +328,37 @@ def test_smollm2_onnx_kv_groups_and_neurons_prune_exactly(tmp_path):
     kv = 3 * 64 * 576 + 64 * 576 + 64 * 576 + 3 * 64 * 576  # q (3 heads), k, v rows; o_proj columns of one KV group
     mlp = 384 * 3 * 576
     assert stats["params_removed"] == 30 * (kv + mlp) == before - _float_numel(model)
+
+
+class _InceptionGN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 12, 3, padding=1)
+        self.gn = nn.GroupNorm(5, 20)
+        self.out = nn.Conv2d(20, 6, 1)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.gn(torch.cat([self.a(x), self.b(x)], dim=1))))
+
+
+@pytest.mark.parametrize("make", [_ResCNN, _InceptionGN], ids=["res-cnn", "inception-groupnorm"])
+def test_torchscript_exporter_files_prune_exactly(tmp_path, make):
+    """Files from the older TorchScript exporter: Constant nodes, Shape-fed Reshape, "/a/b/Op" names."""
+    import warnings
+
+    from slimc.compiler.analysis import find_groups
+    from slimc.compiler.onnx_roundtrip import check_plan, random_plan
+
+    net = perturb_parameters_(make()).eval()
+    x = torch.randn(1, 3, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x,), str(tmp_path / "ts.onnx"), dynamo=False, opset_version=17)
+    model = load_onnx(tmp_path / "ts.onnx")
+    g = import_onnx(model)
+    assert "opaque" not in [n.op for n in g.nodes]
+    assert any(n.module in ("c1", "a") for n in g.nodes)  # scope from the node name "/c1/Conv"
+    plan = random_plan(find_groups(g), 0.25, seed=0)
+    assert plan
+    ok, diff, stats, err = check_plan(model, plan, feeds_for(model, (x,)), tmp_path / "rt")
+    assert err == "" and ok and stats["params_removed"] > 0, (diff, err)
