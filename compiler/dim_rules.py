@@ -148,9 +148,11 @@ def rule_matmul(st: DimState, node: Node) -> None:
         # eager attention (q @ k^T, p @ v): axis -3 holds the heads
         tag(st.ax(a, -3), "attn.q_heads", st.size(a, -3))
         tag(st.ax(b, -3), "attn.kv_heads", _real_heads(st.ax(b, -3)))
-        # q.k contracts head_dim, p.v carries it out; the other axes tagged here are sequences
-        tag(st.ax(a, -1), "attn.head_dim")
-        tag(st.ax(b, -1), "attn.head_dim")
+        # q.k contracts head_dim, p.v carries it out (the other axes met here are sequences):
+        # the code reshapes by head_dim, so it stays whole, as under sdpa
+        for v in (a, b):
+            tag(st.ax(v, -1), "attn.head_dim")
+            block(st.ax(v, -1), f"{why}: head_dim is kept whole (the code reshapes by it)")
 
 
 def _real_heads(a: Atom | None) -> int:

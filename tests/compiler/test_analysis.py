@@ -310,3 +310,13 @@ def test_model_groups_on_a_slimc_model_and_advice_without_inputs():
     with pytest.raises(SlimcError, match="example inputs"):
         model_groups(Model(module=net))
     assert len(prunable_groups(model_groups(Model(module=net, example_inputs={"x": torch.randn(2, 6)})))) == 2
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_mqa_head_dim_is_never_prunable(impl):
+    """One KV head: no reshape splits k/v into heads, yet head_dim must stay whole."""
+    model = _tiny_llama(1, attn_implementation=impl)
+    groups = _groups(model, input_ids=torch.randint(0, 64, (1, 5)))
+    for g in prunable_groups(groups):
+        assert not any(s.param.endswith(("v_proj.weight", "k_proj.weight")) for s in g.slices), g
+    assert all(g.role == Role.MLP_NEURON for g in prunable_groups(groups))
