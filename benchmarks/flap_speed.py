@@ -40,6 +40,7 @@ def ort_runner(model: Model, ids: torch.Tensor, workdir: Path, threads: int):
 
     from slimc.compiler.emit_onnx import write_onnx
 
+    workdir.mkdir(parents=True, exist_ok=True)
     path = write_onnx(model, workdir)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads

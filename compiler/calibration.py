@@ -10,8 +10,8 @@ A `CalibrationSource` turns text into token windows for a given tokenizer. Sourc
 
 `collect_input_stats` runs the model's decoder layer by layer on cached hidden states (peak memory:
 one layer's activations plus the weights) and accumulates, for the input of each named
-`nn.Linear`, the token count, mean, population variance (Chan/Welford merge of float64 batch
-moments), squared norms and, on request, the Gram matrix sum x xᵀ.
+`nn.Linear`, the token count, mean, population variance (shifted float32 batch sums accumulated
+in float64), squared norms and, on request, the Gram matrix sum x xᵀ.
 """
 
 from __future__ import annotations
@@ -158,44 +158,49 @@ class InputStats:
 
 
 class _Accumulator:
-    """Merges float64 batch moments (Chan et al.), so variance stays accurate for large means."""
+    """Shifted sums: per batch in float32 around a per-channel shift, accumulated in float64.
+
+    Subtracting a shift close to the mean (the first batch's mean) before summing x and x^2 keeps the
+    variance accurate when |mean| >> std, at the cost of one pass; reductions over tokens in float32
+    are 5-20x cheaper than float64 or `var_mean` over dim 0 on CPU.
+    """
 
     def __init__(self, gram: bool):
         self.count = 0
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
-        self.sqnorm: torch.Tensor | None = None
+        self.shift: torch.Tensor | None = None
+        self.s1: torch.Tensor | None = None  # sum of (x - shift), float64
+        self.s2: torch.Tensor | None = None  # sum of (x - shift)^2, float64
         self.want_gram = gram
         self.gram: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1])
+        x = x.detach().reshape(-1, x.shape[-1]).float()
         n = x.shape[0]
         if n == 0:
             return
-        x64 = x.double()
-        b_mean = x64.mean(0)
-        b_m2 = ((x64 - b_mean) ** 2).sum(0)
-        b_sq = (x64 * x64).sum(0)
+        if self.shift is None:
+            # the first batch's mean, not its first token: position 0 often carries outliers
+            self.shift = x.sum(0) / n
+            self.s1 = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+            self.s2 = torch.zeros_like(self.s1)
+        d = x - self.shift
+        self.s1 += d.sum(0).double()
+        self.s2 += (d * d).sum(0).double()
+        self.count += n
         if self.want_gram:
             # float32 product per batch (fast), accumulated in float64 across batches
-            xf = x.float()
-            g = (xf.T @ xf).double()
+            g = (x.T @ x).double()
             self.gram = g if self.gram is None else self.gram + g
-        if self.mean is None:
-            self.count, self.mean, self.m2, self.sqnorm = n, b_mean, b_m2, b_sq
-            return
-        total = self.count + n
-        delta = b_mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + b_m2 + delta * delta * (self.count * n / total)
-        self.sqnorm = self.sqnorm + b_sq
-        self.count = total
 
     def result(self) -> InputStats:
-        if self.mean is None:
+        if self.shift is None:
             raise RuntimeError("no calibration tokens reached this module")
-        return InputStats(self.count, self.mean, self.m2 / self.count, self.sqnorm, self.gram)
+        n = self.count
+        shift = self.shift.double()
+        m1 = self.s1 / n
+        var = (self.s2 / n - m1 * m1).clamp_min(0.0)
+        sqnorm = self.s2 + 2.0 * shift * self.s1 + n * shift * shift
+        return InputStats(n, shift + m1, var, sqnorm, self.gram)
 
 
 class _StopForward(Exception):
