@@ -366,6 +366,13 @@ class _Lowering:
         if kind == "instance":
             # per-channel statistics and per-channel parameters: the channel rule of batch norm
             kind, attrs["instance"] = "batch", True
+        if kind == "group":
+            scale = n.inputs[1]
+            c = ins[0].shape[1] if ins[0].shape is not None and len(ins[0].shape) > 1 else None
+            if scale is not None and scale.shape is not None and c is not None and list(scale.shape) != [c]:
+                # opset 18-20 GroupNormalization: one scale per group, which the channel rule cannot hold
+                self.emit("opaque", n, ins, outs)
+                return
         if kind in ("batch", "group"):
             attrs["axis"] = 1
         else:
@@ -518,17 +525,24 @@ def _match_rms_norms(g: ir.Graph) -> dict[int, tuple]:
         chain.append(add)
         cur = add.outputs[0]
         sq = _single_user(cur, "Sqrt")
-        if sq is not None:
-            rec = _single_user(sq.outputs[0], "Reciprocal")
-            if rec is None:
-                continue
-            chain += [sq, rec]
-            cur = rec.outputs[0]
+        if sq is None:
+            continue
+        chain.append(sq)
+        users = [u for u, _ in sq.outputs[0].uses()]
+        if len(users) != 1 or sq.outputs[0].is_graph_output():
+            continue
+        step = users[0]
+        if step.op_type == "Div" and step.inputs[0] is x and step.inputs[1] is sq.outputs[0]:
+            mul = step  # x / sqrt(mean(x^2) + eps)
         else:
-            continue
-        mul = _single_user(cur, "Mul")
-        if mul is None or _other_input(mul, cur) is not x:
-            continue
+            one = const_array(step.inputs[0]) if step.op_type == "Div" else None
+            if not (step.op_type == "Reciprocal" or (one is not None and one.size == 1 and float(one.reshape(-1)[0]) == 1.0)):
+                continue
+            chain.append(step)  # 1 / sqrt(...), then x * that
+            cur = step.outputs[0]
+            mul = _single_user(cur, "Mul")
+            if mul is None or _other_input(mul, cur) is not x:
+                continue
         chain.append(mul)
         out, weight = mul.outputs[0], None
         users = [u for u, _ in out.uses()]

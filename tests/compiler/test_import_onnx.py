@@ -171,3 +171,47 @@ def test_matmul_plus_bias_is_one_linear(tmp_path):
     assert _ops(g) == ["linear"], g.dump()
     lin = g.nodes[0]
     assert lin.inputs[2].param == "bias" and lin.attrs["w_out_axis"] == 1 and lin.outputs[0] is g.outputs[0]
+
+
+def _rms_graph(path, variant: str) -> None:
+    """Hand-written RMSNorm decompositions as other exporters write them."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4])
+    inits = [
+        helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]),
+        helper.make_tensor("axes", TensorProto.INT64, [1], [-1]),
+        helper.make_tensor("eps", TensorProto.FLOAT, [], [1e-6]),
+        helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]),
+        helper.make_tensor("w", TensorProto.FLOAT, [4], [0.5, 1.0, 1.5, 2.0]),
+    ]
+    nodes = [
+        helper.make_node("Pow", ["x", "two"], ["p"]),
+        helper.make_node("ReduceMean", ["p", "axes"], ["m"], keepdims=1),
+        helper.make_node("Add", ["m", "eps"], ["a"]),
+        helper.make_node("Sqrt", ["a"], ["s"]),
+    ]
+    if variant == "div":
+        nodes.append(helper.make_node("Div", ["x", "s"], ["n"]))
+    else:
+        nodes += [helper.make_node("Div", ["one", "s"], ["r"]), helper.make_node("Mul", ["r", "x"], ["n"])]
+    nodes.append(helper.make_node("Mul", ["n", "w"], ["y"]))
+    onnx.save(helper.make_model(helper.make_graph(nodes, "rms", [x], [y], inits), opset_imports=[helper.make_opsetid("", 18)]), path)
+
+
+@pytest.mark.parametrize("variant", ["div", "one-over"])
+def test_decomposed_rmsnorm_variants_fold_into_norm(tmp_path, variant):
+    _rms_graph(tmp_path / "rms.onnx", variant)
+    g = import_onnx(load_onnx(tmp_path / "rms.onnx"))
+    assert _ops(g) == ["norm"], g.dump()
+    norm = g.nodes[0]
+    assert norm.attrs["kind"] == "rms" and norm.attrs["axes"] == [2] and norm.inputs[1].param == "w"
+    assert norm.outputs[0] is g.outputs[0] and abs(norm.attrs["eps"] - 1e-6) < 1e-12
+
+
+def test_opset18_groupnorm_with_per_group_scale_is_opaque(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 2, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 2, 2])
+    inits = [helper.make_tensor("s", TensorProto.FLOAT, [2], [1.0, 2.0]), helper.make_tensor("b", TensorProto.FLOAT, [2], [0.0, 1.0])]
+    node = helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=2)
+    onnx.save(helper.make_model(helper.make_graph([node], "gn", [x], [y], inits), opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "gn.onnx")
+    assert _ops(import_onnx(load_onnx(tmp_path / "gn.onnx"))) == ["opaque"]

@@ -277,7 +277,25 @@ def _gpt2():
     return _Logits(perturb_parameters_(GPT2LMHeadModel(cfg)))
 
 
-@pytest.mark.parametrize("name", ["mlp", "res-cnn", "concat", "llama", "gpt2"])
+class _Hidden(nn.Module):
+    def __init__(self, enc):
+        super().__init__()
+        self.m = enc
+
+    def forward(self, ids):
+        return self.m(input_ids=ids).last_hidden_state
+
+
+def _bert():
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=16)
+    torch.manual_seed(0)
+    return _Hidden(perturb_parameters_(BertModel(cfg, add_pooling_layer=False)))
+
+
+@pytest.mark.parametrize("name", ["mlp", "res-cnn", "concat", "llama", "gpt2", "bert"])
 def test_groups_from_analysis_prune_exactly(tmp_path, name):
     """find_groups on the imported ONNX graph, then every prunable group at once and one by one."""
     from slimc.compiler.onnx_roundtrip import onnx_roundtrip_case
@@ -289,6 +307,7 @@ def test_groups_from_analysis_prune_exactly(tmp_path, name):
         "concat": lambda: (perturb_parameters_(_ConcatNet()), (torch.randn(1, 3, 5, 5),)),
         "llama": lambda: (_tiny_llama(), (ids,)),
         "gpt2": lambda: (_gpt2(), (ids,)),
+        "bert": lambda: (_bert(), (ids,)),
     }[name]()
     case = onnx_roundtrip_case(module, inputs, tmp_path, per_group=True)
     assert case.error == "" and case.group_errors == []
