@@ -638,7 +638,14 @@ def run_rules(graph: Graph) -> DimState:
     for node in graph.nodes:
         rule = RULES.get(node.op, rule_opaque)
         st.touched = set()
-        rule(st, node)
+        try:
+            rule(st, node)
+        except (IndexError, KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as exc:
+            # a node the rule does not understand (odd ranks, missing attrs): refuse, do not guess
+            st.touched = set()
+            for v in [*node.inputs, *node.outputs]:
+                for k in range(st.rank(v)):
+                    block(st.ax(v, k), f"{_where(node)}: rule failed ({type(exc).__name__}: {exc})")
         st.block_untouched(node)
     for v in graph.inputs:
         for k in range(st.rank(v)):

@@ -320,3 +320,19 @@ def test_mqa_head_dim_is_never_prunable(impl):
     for g in prunable_groups(groups):
         assert not any(s.param.endswith(("v_proj.weight", "k_proj.weight")) for s in g.slices), g
     assert all(g.role == Role.MLP_NEURON for g in prunable_groups(groups))
+
+
+def test_a_rule_that_cannot_read_its_node_blocks_instead_of_crashing():
+    from slimc.compiler.ir import Graph, Node, Value
+
+    g = Graph()
+    x, w = Value("x", (2, 4)), Value("w", (3, 4), param="w")
+    g.inputs.append(x)
+    g.params["w"] = w
+    y = Value("y", (2, 3))
+    g.add_node(Node("linear", [x, w, None], [y], {"w_out_axis": 0, "w_in_axis": 1}))
+    z = Value("z", (2, 3))
+    g.add_node(Node("slice", [y], [z], {"axis": 1}, source_op="test.slice"))  # start/end missing
+    g.outputs.append(z)
+    rows = next(gr for gr in find_groups(g) if gr.size == 3)
+    assert not rows.prunable and "rule failed" in rows.reason and "test.slice" in rows.reason
