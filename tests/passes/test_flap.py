@@ -272,6 +272,10 @@ def test_config_validation_and_recipes():
     for name, p in (("flap-20", 0.2), ("flap-30", 0.3), ("flap-50", 0.5)):
         (flap,) = load_recipe(name).build()
         assert flap.config.sparsity == p and flap.config.samples == 128 and flap.config.seq_len == 128 and flap.config.seed == 0
+        assert flap.config.compensation == "mean"
+    for name, p in (("flap-lsq-20", 0.2), ("flap-lsq-50", 0.5)):
+        (flap,) = load_recipe(name).build()
+        assert flap.config.sparsity == p and flap.config.compensation == "lsq" and flap.config.seed == 0
 
 
 def test_model_without_tokenizer_or_calibration_is_a_slimc_error():
