@@ -381,3 +381,16 @@ def test_torchscript_exporter_files_prune_exactly(tmp_path, make):
     assert plan
     ok, diff, stats, err = check_plan(model, plan, feeds_for(model, (x,)), tmp_path / "rt")
     assert err == "" and ok and stats["params_removed"] > 0, (diff, err)
+
+
+def test_empty_plan_changes_nothing(tmp_path):
+    net = perturb_parameters_(_ResCNN())
+    model = load_onnx(export_onnx(net, (torch.randn(1, 3, 6, 6),), tmp_path / "cnn.onnx"))
+    before = ir.serde.serialize_model(model).SerializeToString()
+    g = import_onnx(model)
+    conv = next(n for n in g.nodes if n.op == "conv")
+    untouched = Group("c1", 8, [Slice(conv.inputs[1].param, 0, block_index(8, 1))])
+    stats = apply_plan_onnx(model, {untouched: []})
+    mask_plan_onnx(model, {})
+    assert stats == {"params_removed": 0, "constants_rewritten": 0, "attributes_updated": 0}
+    assert ir.serde.serialize_model(model).SerializeToString() == before
