@@ -239,5 +239,11 @@ def model_groups(model: Model, example_inputs: dict[str, Any] | None = None) -> 
     return find_groups(model_graph(model, example_inputs), None if model.is_onnx else model.module)
 
 
+def select(groups: list[Group], role: str | None = None, layer: int | None = None, *, prunable: bool = True) -> list[Group]:
+    """Units by role and layer, e.g. `select(groups, Role.KV_GROUP, layer=7)`."""
+    return [g for g in groups if (role is None or g.role == role) and (layer is None or g.layer == layer)
+            and (g.prunable or not prunable)]
+
+
 def prunable_groups(groups: list[Group], *, exact_only: bool = False) -> list[Group]:
     return [g for g in groups if g.prunable and (g.exact or not exact_only)]

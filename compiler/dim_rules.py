@@ -335,7 +335,7 @@ def rule_split(st: DimState, node: Node) -> None:
         for p in parts:
             block(p, f"{why}: unbound entry")
     elif not node.attrs.get("even"):
-        for p in parts[:-1]:
+        for p in parts:  # the sizes must add up to the axis: no part may shrink
             block(p, f"{why}: split at sizes fixed by the code")
     else:
         st.even_splits.append((why, parts))

@@ -52,8 +52,6 @@ POOL = {"adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "av
         "upsample_nearest1d", "upsample_nearest2d", "upsample_bilinear2d", "upsample_nearest3d",
         "_upsample_nearest_exact2d", "upsample_bicubic2d", "pad", "constant_pad_nd", "reflection_pad2d",
         "replication_pad2d", "pixel_shuffle", "_adaptive_avg_pool2d", "interpolate", "upsample_linear1d"}
-# unary ops whose name says it, but which produce a value that is not shape-preserving are excluded above
-SHAPE_PRESERVING_EXTRA = {"softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum", "cumprod", "sort", "topk"}
 
 
 def import_module(

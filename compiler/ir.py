@@ -12,17 +12,18 @@ Canonical ops (inputs; attrs) — append new ones here with their dimension rule
   add sub mul div  (a, b)              broadcasting element-wise
   unary      (x,)                      fn: relu, silu, gelu, neg, exp, cast, pow, ... (shape-preserving)
   softmax    (x,)                      axis
-  reduce     (x,)                      fn, axes, keepdim
+  reduce     (x,)                      fn, axes, keepdim (max/min with one axis also output indices)
   reshape    (x,)                      shape: output shape (ints; -1 resolved)
   permute    (x,)                      perm
-  concat     (xs...)                   axis
-  split      (x,) -> several           axis, sizes
-  slice      (x,)                      axis, start, end, step
+  concat     (xs...)                   axis, stack (torch.stack: a new axis)
+  split      (x,) -> several           axis, sizes, even (chunk / equal split_size: sizes follow the input)
+  slice      (x,)                      axis, start, end, step (start/end clamped to the axis)
   expand     (x,)                      shape
-  norm       (x, weight?, bias?)       kind: layer | rms | batch | group, axis (normalised/channel axis), num_groups
+  norm       (x, weight?, bias?)       kind: layer | rms | batch | group, axis (normalised/channel axis), num_groups;
+                                       layer/rms also give `axes` (all normalised axes); batch adds running mean/var inputs
   embedding  (weight, ids)
   sdpa       (q, k, v, mask?)          heads on axis 1, sequence on 2, head_dim on 3; enable_gqa
-  gather     (x, index)                axis; index values address `x`'s axis (embedding-like lookup)
+  gather     (x, index...)             axes (consecutive indexed axes); index values address them
   opaque     (...)                     anything without a rule: blocks pruning of every dim it touches
 
 Added by the PyTorch importer (each has its rule in `compiler/dim_rules.py`):

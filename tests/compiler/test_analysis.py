@@ -336,3 +336,31 @@ def test_a_rule_that_cannot_read_its_node_blocks_instead_of_crashing():
     g.outputs.append(z)
     rows = next(gr for gr in find_groups(g) if gr.size == 3)
     assert not rows.prunable and "rule failed" in rows.reason and "test.slice" in rows.reason
+
+
+class Splits(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(4, 2)
+        self.c = nn.Linear(6, 2)
+        self.fused = nn.Linear(4, 12)
+        self.d = nn.Linear(6, 2)
+
+    def forward(self, x):
+        p, q = self.a(x).split([2, 6], dim=-1)  # sizes fixed by the code
+        g, u = self.fused(x).chunk(2, dim=-1)  # halves: each must lose the same channels
+        return self.b(x) * p.sum(-1, keepdim=True) + self.c(q) + self.d(torch.relu(g) * u)
+
+
+def test_split_at_fixed_sizes_blocks_and_chunk_pairs_the_halves():
+    groups = _groups(Splits(), x=torch.randn(3, 4))
+    a_rows = [g for g in groups if any(s.param == "a.weight" and s.axis == 0 for s in g.slices)]
+    assert a_rows and not any(g.prunable for g in a_rows)
+    fused = next(g for g in prunable_groups(groups) if any(s.param == "fused.weight" for s in g.slices))
+    assert fused.size == 6
+    assert next(s for s in fused.slices if s.param == "fused.weight").index[1].tolist() == [1, 7]
+    assert next(s for s in fused.slices if s.param == "d.weight").index[1].tolist() == [1]
+    from slimc.compiler.analysis import select
+
+    assert select(groups, fused.role, fused.layer) == [fused] or fused in select(groups, fused.role)
