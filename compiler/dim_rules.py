@@ -99,6 +99,11 @@ def rule_broadcast(st: DimState, node: Node) -> None:
                 st.link(v, -k, out, -k, _where(node))
     for k in range(r):
         st.ax(out, k)
+    if node.op == "div" and len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].param:
+        d = node.inputs[1]
+        for k in range(st.rank(d)):
+            if st.size(d, k) > 1:
+                mark_inexact(st.ax(d, k), f"{_where(node)}: divides by {d.param}; a zeroed entry gives inf")
     if node.op == "unary" and node.attrs.get("fn") in CAST_FNS:
         src = node.inputs[0]
         if id(src) in st.indexes:

@@ -69,6 +69,9 @@ def import_module(
             kwargs["use_cache"] = False  # a KV cache is an output we cannot export statically
     except (TypeError, ValueError):
         pass
+    # structure, not training behaviour: trace in eval mode (BatchNorm running stats, no dropout)
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
     try:
         with torch.no_grad():
             ep = torch.export.export(module, tuple(example_args), kwargs, strict=strict)
@@ -80,6 +83,9 @@ def import_module(
             "pass example inputs the forward accepts (keyword arguments for Hugging Face models), "
             "or export it yourself and use import_exported()"
         ) from exc
+    finally:
+        for m, training in modes.items():
+            m.training = training
     return import_exported(ep, module)
 
 

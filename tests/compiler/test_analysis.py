@@ -364,3 +364,19 @@ def test_split_at_fixed_sizes_blocks_and_chunk_pairs_the_halves():
     from slimc.compiler.analysis import select
 
     assert select(groups, fused.role, fused.layer) == [fused] or fused in select(groups, fused.role)
+
+
+class DivideByParam(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.scale = nn.Parameter(torch.rand(5) + 0.5)
+        self.b = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.b(self.a(x) / self.scale)
+
+
+def test_dividing_by_a_parameter_is_prunable_but_not_exact():
+    g = next(g for g in _groups(DivideByParam(), x=torch.randn(2, 4)) if g.size == 5)
+    assert g.prunable and not g.exact and "scale" in g.inexact_reason

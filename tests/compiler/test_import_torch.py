@@ -80,3 +80,10 @@ def test_hf_model_with_kwargs_modeloutput_and_tied_embeddings():
     assert len(sdpa) == 1 and sdpa[0].module == "model.layers.0.self_attn"
     # the rotary embedding runs under no_grad (a higher-order op): inlined, not opaque
     assert not any(n.op == "opaque" and "rotary" in n.module for n in g.nodes)
+
+
+def test_a_training_mode_model_is_traced_in_eval_mode_and_left_as_it_was():
+    m = Block().train()
+    g = import_module(m, {"x": torch.randn(2, 3, 5, 5)})
+    assert next(n for n in g.nodes if n.source_op.startswith("aten.") and "norm" in n.source_op).op == "norm"
+    assert m.training and m.bn.training
