@@ -85,6 +85,35 @@ class Inception(nn.Module):
         return self.out(torch.relu(self.gn(torch.cat([self.a(x), self.b(x), self.c(x)], dim=1))))
 
 
+class FlattenCNN(nn.Module):
+    """Conv features flattened into a Linear: a channel owns H*W consecutive fc columns."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 6, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(6 * 3 * 3, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(torch.relu(self.c(x))), 1))
+
+
+class UNetish(nn.Module):
+    """Strided conv down, ConvTranspose + nearest Upsample up, skip concat with the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.up_t = nn.ConvTranspose2d(8, 6, 2, stride=2)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.out = nn.Conv2d(6 + 3, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.down(x))
+        u = self.up_t(h) + self.up(h[:, :6])
+        return self.out(torch.cat([u, x], 1))
+
+
 def _hf(kind: str) -> tuple[nn.Module, tuple]:
     import transformers as tf
 
@@ -113,6 +142,8 @@ ZOO = {
     "resnet-block": lambda: (ResCNN(), (torch.randn(1, 3, 16, 16),)),
     "mobilenetv2-block": lambda: (InvertedResidual(), (torch.randn(1, 3, 12, 12),)),
     "inception-concat": lambda: (Inception(), (torch.randn(1, 3, 10, 10),)),
+    "flatten-cnn": lambda: (FlattenCNN(), (torch.randn(1, 3, 6, 6),)),
+    "unet-ish (ConvTranspose, Resize)": lambda: (UNetish(), (torch.randn(1, 3, 8, 8),)),
     "llama (GQA)": lambda: _hf("llama"),
     "qwen2 (GQA, qkv bias)": lambda: _hf("qwen2"),
     "gpt2 (fused qkv, Split)": lambda: _hf("gpt2"),
