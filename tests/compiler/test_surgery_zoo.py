@@ -226,3 +226,24 @@ def test_llm_hidden_width_is_unprunable_with_a_reason():
     params = hidden[0].params()
     assert "model.embed_tokens.weight" in params and "model.norm.weight" in params
     assert sum(p.endswith("q_proj.weight") for p in params) == 2
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("gpt2", {("num_heads", 1), ("split_size", 8)}),
+    ("bert", {("num_attention_heads", 1), ("all_head_size", 8)}),
+    ("vit", {("num_attention_heads", 1)}),
+    ("whisper-encoder", {("num_heads", 1)}),
+])
+def test_head_groups_carry_the_attributes_that_count_heads(name, expected):
+    model, inputs, groups = _analysed(name)
+    heads = [g for g in groups if g.role == Role.HEAD and g.prunable]
+    assert heads
+    for g in heads:
+        assert expected <= {(a.attr, a.per_channel) for a in g.attrs}
+    g = heads[0]
+    m = copy.deepcopy(model)
+    before = {a.attr: getattr(m.get_submodule(a.module), a.attr) for a in g.attrs}
+    apply_plan(m, {g: [0, 2]})
+    for a in g.attrs:
+        assert getattr(m.get_submodule(a.module), a.attr) == before[a.attr] - 2 * a.per_channel
+    _run(m, inputs)
