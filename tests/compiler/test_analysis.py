@@ -380,3 +380,27 @@ class DivideByParam(nn.Module):
 def test_dividing_by_a_parameter_is_prunable_but_not_exact():
     g = next(g for g in _groups(DivideByParam(), x=torch.randn(2, 4)) if g.size == 5)
     assert g.prunable and not g.exact and "scale" in g.inexact_reason
+
+
+def test_analysis_after_surgery_sees_per_layer_widths_and_leaves_the_graph_alone():
+    from slimc.compiler.surgery import apply_plan
+
+    model = _tiny_llama(3)  # 6 query heads over 3 KV heads
+    ids = torch.randint(0, 64, (1, 5))
+    graph = import_module(model, {"input_ids": ids})
+    before = graph.dump()
+    groups = find_groups(graph, model)
+    assert graph.dump() == before  # the analysis does not touch the IR
+    again = find_groups(graph, model)
+    assert [(g.name, g.size, g.prunable) for g in again] == [(g.name, g.size, g.prunable) for g in groups]
+    kv0 = next(g for g in groups if g.role == Role.KV_GROUP and g.layer == 0)
+    mlp2 = next(g for g in groups if g.role == Role.MLP_NEURON and g.layer == 2)
+    apply_plan(model, {kv0: [1], mlp2: list(range(0, 40, 2))})
+    pruned = find_groups(import_module(model, {"input_ids": ids}), model)
+    sizes = {(g.role, g.layer): g.size for g in pruned if g.prunable}
+    assert sizes[(Role.KV_GROUP, 0)] == 2 and sizes[(Role.KV_GROUP, 1)] == 3
+    assert sizes[(Role.MLP_NEURON, 2)] == 20 and sizes[(Role.MLP_NEURON, 0)] == 40
+    views = decoder_layers(model)
+    for v in views:
+        g = next(g for g in pruned if g.role == Role.KV_GROUP and g.layer == v.index)
+        assert _slices(g) == _slices(v.kv_group)
