@@ -277,6 +277,8 @@ class _Lowering:
                 self.emit("embedding", n, [ins[0], ins[1]], outs)
             else:
                 self.emit("gather", n, ins, outs, axis=axis, axes=[axis])
+        elif op == "Attention" and n.domain in ("", "ai.onnx"):
+            self.lower_attention(n, ins, outs)
         elif op in _SHAPE_ONLY:
             # reads sizes only; its 1-D result carries no channel of the input
             self.emit("source", n, [], outs, fn=op.lower(), of=ins[0].name if ins and ins[0] else None)
@@ -318,6 +320,19 @@ class _Lowering:
             mid = self.synth(outs[0], outs[0].shape)
             self.emit("matmul", n, [x, wb], [mid])
             self.emit("add", n, [mid, bias], outs)
+
+    def lower_attention(self, n: ir.Node, ins: list, outs: list) -> None:
+        """opset-23 Attention with 4-D [B, heads, S, head_dim] inputs is scaled dot-product attention."""
+        q, k, v = ins[0], ins[1], ins[2]
+        mask = ins[3] if len(ins) > 3 else None
+        extra = [v for v in ins[4:] if v is not None]  # past key/value, nonpad lengths
+        used_outs = [o for o in n.outputs[1:] if o.uses() or o.is_graph_output()]
+        four_d = all(t is not None and t.shape is not None and len(t.shape) == 4 for t in (q, k, v))
+        if not four_d or extra or used_outs:
+            self.emit("opaque", n, ins, outs)  # packed heads (3-D) or a KV cache: no rule here
+            return
+        self.emit("sdpa", n, [q, k, v, mask], outs[:1], scale=_attr(n, "scale"), is_causal=bool(_attr(n, "is_causal", 0)),
+                  enable_gqa=q.shape[1] != k.shape[1])
 
     def lower_reduce(self, n: ir.Node, ins: list, outs: list) -> None:
         op = n.op_type

@@ -181,6 +181,8 @@ class _Surgeon:
             self.gather(n)
         elif op.startswith("Reduce") or op in ("ArgMax", "ArgMin"):
             self.reduce(n)
+        elif op == "Attention":
+            self.attention(n)
         elif op in ("Shape", "Size"):
             pass  # reads sizes at run time: right by construction
         else:
@@ -308,6 +310,34 @@ class _Surgeon:
         if bias is not None:
             self.check_params(n, [bias], out_removed, 0)
         self.set(n.outputs[0], {} if out_removed is None else {1: out_removed}, n)
+
+    def attention(self, n: ir.Node) -> None:
+        """opset-23 Attention on 4-D [B, heads, S, head_dim]: whole heads, GQA groups kept whole."""
+        q, k, v = n.inputs[:3]
+        sq = self.shape(q, n)
+        if len(sq) != 4 or any(x is not None for x in n.inputs[4:]):
+            raise self.fail(n, "only 4-D Attention without a KV cache can be pruned")
+        rq, rk, rv = self.get(q), self.get(k), self.get(v)
+        if set(rq) - {1, 3} or set(rk) - {1, 3} or set(rv) - {1, 3}:
+            raise self.fail(n, "only heads and head_dim can shrink through attention")
+        if not _same(rq.get(3), rk.get(3)):
+            raise self.fail(n, "query and key must lose the same head_dim entries")
+        if not _same(rk.get(1), rv.get(1)):
+            raise self.fail(n, "key and value must lose the same heads")
+        hq, hk = sq[1], self.shape(k, n)[1]
+        g = hq // hk
+        kv_gone = rk.get(1, np.empty(0, np.int64))
+        want_q = (kv_gone[:, None] * g + np.arange(g)).reshape(-1)
+        if not _same(rq.get(1), want_q if len(want_q) else None):
+            raise self.fail(n, f"query heads must go with their KV head ({g} per KV head)")
+        out = {a: idx for a, idx in ((1, rq.get(1)), (3, rv.get(3))) if idx is not None}
+        mask = n.inputs[3] if len(n.inputs) > 3 else None
+        if mask is not None:
+            sm = self.shape(mask, n)
+            head_axis = len(sm) - 3
+            if head_axis >= 0 and sm[head_axis] != 1 and not _same(self.get(mask).get(head_axis), rq.get(1)):
+                raise self.fail(n, f"the attention mask '{mask.name}' has one slice per head and must lose the same heads")
+        self.set(n.outputs[0], out, n)
 
     def group_norm(self, n: ir.Node) -> None:
         x = n.inputs[0]
@@ -710,6 +740,13 @@ class _FakeNode:
 
     def __init__(self, name: str):
         self.name = name
+
+
+def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """Two removal sets are equal (None and empty both mean nothing removed)."""
+    a = np.empty(0, np.int64) if a is None else np.sort(a)
+    b = np.empty(0, np.int64) if b is None else np.sort(b)
+    return np.array_equal(a, b)
 
 
 def _shrunk(shape: Sequence[Any], rem: Removed) -> list[Any]:

@@ -394,3 +394,24 @@ def test_empty_plan_changes_nothing(tmp_path):
     mask_plan_onnx(model, {})
     assert stats == {"params_removed": 0, "constants_rewritten": 0, "attributes_updated": 0}
     assert ir.serde.serialize_model(model).SerializeToString() == before
+
+
+def test_opset23_attention_and_rmsnormalization_ops(tmp_path):
+    """opset 23: the exporter writes Attention and RMSNormalization nodes instead of decompositions."""
+    from slimc.compiler.analysis import find_groups
+    from slimc.compiler.onnx_roundtrip import check_plan, random_plan
+
+    net = _tiny_llama()
+    ids = torch.randint(0, 64, (1, 8))
+    model = load_onnx(export_onnx(net, (ids,), tmp_path / "l23.onnx", opset=23))
+    g = import_onnx(model)
+    assert [n.source_op for n in g.nodes if n.op == "sdpa"] == ["onnx::Attention"] * 2
+    assert sum(n.source_op == "onnx::RMSNormalization" for n in g.nodes) == 5
+    hand = _llama_plan(g, {0: [1], 1: [0]}, {0: [5], 1: [6, 7]})
+    stats, _, _ = _roundtrip(model, hand, feeds_for(model, (ids,)), tmp_path)
+    assert stats["params_removed"] == 2 * (32 * 16 * 2 + 32 * 8 * 2) + 3 * 3 * 32
+    fresh = load_onnx(tmp_path / "l23.onnx")
+    plan = random_plan(find_groups(import_onnx(fresh)), 0.25, seed=1)
+    assert {gr.role for gr in plan} == {Role.KV_GROUP, Role.MLP_NEURON}
+    ok, diff, _, err = check_plan(fresh, plan, feeds_for(fresh, (ids,)), tmp_path / "groups")
+    assert ok and err == "", (diff, err)
