@@ -25,6 +25,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows")
     ap.add_argument("--eval-seq-len", type=int, default=512, help="tokens per evaluation window")
+    ap.add_argument("--sequential", action="store_true", help="also run wanda/sparsegpt with sequential calibration")
+    ap.add_argument("--skip-one-shot", action="store_true", help="with --sequential: only the sequential runs")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the test machine is shared)")
     ap.add_argument("--model", default="smollm2", help="model path or alias")
     args = ap.parse_args()
@@ -49,11 +51,15 @@ def main() -> None:
         print(f"{label}: ppl {ppl:.3f} (compress {seconds:.1f}s, eval {time.perf_counter() - t:.1f}s)", flush=True)
 
     evaluate("dense", base, 0.0, 0.0)
-    for method in args.methods:
+    runs = [(method, False) for method in args.methods if not (args.sequential and args.skip_one_shot)]
+    if args.sequential:
+        runs += [(method, True) for method in args.methods if method != "magnitude"]
+    for method, sequential in runs:
         model = base.clone()
         t = time.perf_counter()
-        res = NM(n=n, m=m, method=method, format="dense", samples=args.samples, seq_len=args.seq_len)(model, PassContext(seed=0))
-        evaluate(f"{n}:{m} {method}", model, time.perf_counter() - t, res.stats["sparsity"])
+        nm = NM(n=n, m=m, method=method, format="dense", samples=args.samples, seq_len=args.seq_len, sequential=sequential)
+        res = nm(model, PassContext(seed=0))
+        evaluate(f"{n}:{m} {method}{' (sequential)' if sequential else ''}", model, time.perf_counter() - t, res.stats["sparsity"])
         del model
 
     print()

@@ -12,6 +12,8 @@ lm_head) gets an N:M mask along its input axis, chosen by
 Calibration statistics (`sqnorm` for Wanda, `gram` for SparseGPT) come from one layer-by-layer
 pass of the dense model (`compiler.calibration.collect_input_stats`) over `samples` windows of
 `seq_len` tokens of the context's calibration source (else `calibration`: the built-in pydoc split).
+With `sequential: true` each decoder layer is instead calibrated on the outputs of the layers before
+it *after* they were pruned (as in the SparseGPT paper), so later layers compensate earlier errors.
 With `format: packed` the masked layers become `SparseLinear` (values + 2-bit positions, see
 `compiler/sparse_format.py`), which checkpoints store compressed; `format: dense` keeps nn.Linear
 with zeros. Layers already N:M sparse are left alone, so a second run changes nothing.
@@ -26,19 +28,41 @@ Recipe:
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
 from ..compiler.errors import SlimcError
+from ..compiler.llm import decoder_layers
 from ..compiler.model import Model
 from ..compiler.pipeline import Pass, PassConfig, PassContext, PassResult, register_pass
 from ..compiler.sparse_format import check_nm, is_nm_sparse
 from ..compiler.sparse_linear import SparseLinear, shares_weight, to_sparse
 from ._nm_math import magnitude_scores, nm_mask_from_scores, wanda_scores
 from ._sparsegpt_math import sparsegpt_nm
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _InputSums:
+    """Sum over tokens of x^2 (per input) and, on request, of x x^T, in float64."""
+
+    def __init__(self, gram: bool):
+        self.want_gram = gram
+        self.sqnorm: torch.Tensor | None = None
+        self.gram: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        sq = (x.double() ** 2).sum(0)
+        self.sqnorm = sq if self.sqnorm is None else self.sqnorm + sq
+        if self.want_gram:
+            g = (x.T @ x).double()  # float32 product per batch, float64 across batches
+            self.gram = g if self.gram is None else self.gram + g
 
 
 class NMConfig(PassConfig):
@@ -56,6 +80,9 @@ class NMConfig(PassConfig):
     damp: float = Field(0.01, gt=0.0, le=1.0, description="SparseGPT damping, fraction of mean diag(H)")
     block_size: int = Field(128, ge=1, description="SparseGPT column block (a multiple of m)")
     format: Literal["packed", "dense"] = Field("packed", description="packed: SparseLinear; dense: nn.Linear with zeros")
+    sequential: bool = Field(
+        False, description="calibrate each decoder layer on the outputs of the already-pruned layers (LLMs; ~2x calibration time)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "NMConfig":
@@ -103,19 +130,90 @@ class NM(Pass):
         if self.config.method != "magnitude" and not model.is_causal_lm:
             raise SlimcError(f"method '{self.config.method}' needs calibration text, which only causal LMs take; use method: magnitude")
 
-    def _stats(self, model: Model, ctx: PassContext, paths: list[str]) -> tuple[dict, str, int]:
-        from ..compiler.calibration import collect_input_stats, open_source
+    def _tokens(self, model: Model, ctx: PassContext) -> tuple[torch.Tensor, str]:
+        from ..compiler.calibration import open_source
 
         cfg: NMConfig = self.config
         cal = ctx.calibration
         if isinstance(cal, torch.Tensor):  # ready [n, seq_len] token ids
-            tokens, name = cal, "tokens"
+            return cal, "tokens"
+        source = cal if cal is not None else open_source(cfg.calibration)
+        return source.windows(model.tokenizer, cfg.samples, cfg.seq_len, ctx.seed if cfg.seed is None else cfg.seed), source.name
+
+    def _prune(self, lin: nn.Linear, stats: Any) -> int:
+        """Apply the N:M choice to one layer in place; `stats` has `sqnorm` / `gram`. Returns weights zeroed."""
+        cfg: NMConfig = self.config
+        w = lin.weight
+        if cfg.method == "sparsegpt":
+            new_w, _ = sparsegpt_nm(w, stats.gram, cfg.n, cfg.m, block_size=cfg.block_size, damp=cfg.damp)
         else:
-            source = cal if cal is not None else open_source(cfg.calibration)
-            tokens = source.windows(model.tokenizer, cfg.samples, cfg.seq_len, ctx.seed if cfg.seed is None else cfg.seed)
-            name = source.name
+            scores = magnitude_scores(w) if cfg.method == "magnitude" else wanda_scores(w, stats.sqnorm)
+            mask = nm_mask_from_scores(scores, cfg.n, cfg.m).to(w.device)
+            new_w = torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
+        new_w = new_w.to(w.device)
+        zeroed = int(((w != 0) & (new_w == 0)).sum())
+        w.copy_(new_w)
+        return zeroed
+
+    def _one_shot(self, model: Model, tokens: torch.Tensor, paths: list[str]) -> int:
+        from ..compiler.calibration import collect_input_stats
+
+        cfg: NMConfig = self.config
         stats = collect_input_stats(model, tokens, paths, gram=cfg.method == "sparsegpt", batch_size=cfg.batch_size)
-        return stats, name, int(tokens.numel())
+        return sum(self._prune(model.module.get_submodule(p), stats[p]) for p in paths)
+
+    def _sequential(self, model: Model, tokens: torch.Tensor, paths: list[str]) -> int:
+        """Decoder layer by layer: calibrate layer i on the outputs of the already-pruned layers before it."""
+        cfg: NMConfig = self.config
+        module = model.module
+        views = decoder_layers(model)
+        layers = [module.get_submodule(v.prefix) for v in views]
+        by_layer = {v.index: [p for p in paths if p.startswith(v.prefix + ".")] for v in views}
+        inside = {p for ps in by_layer.values() for p in ps}
+        zeroed = 0
+        outside = [p for p in paths if p not in inside]
+        if outside:  # e.g. an lm_head not skipped: statistics of the dense model
+            zeroed += self._one_shot(model, tokens, outside)
+        last = max((i for i, ps in by_layer.items() if ps), default=-1)
+        if last < 0:
+            return zeroed
+        device = next(module.parameters()).device
+        captured: list[list[Any]] = []
+
+        def catch(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured.append([hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}])
+            raise _StopForward
+
+        handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            for i in range(0, tokens.shape[0], cfg.batch_size):
+                try:
+                    module(input_ids=tokens[i : i + cfg.batch_size].to(device), use_cache=False)
+                except _StopForward:
+                    pass
+        finally:
+            handle.remove()
+        for i in range(last + 1):
+            names = by_layer.get(i, [])
+            sums = {p: _InputSums(gram=cfg.method == "sparsegpt") for p in names}
+            handles = [
+                module.get_submodule(p).register_forward_pre_hook(lambda _m, a, _p=p: sums[_p].add(a[0])) for p in names
+            ]
+            try:
+                if names:
+                    for hidden, kwargs in captured:
+                        layers[i](hidden, **kwargs)
+            finally:
+                for h in handles:
+                    h.remove()
+            for p in names:
+                zeroed += self._prune(module.get_submodule(p), sums[p])
+            if i < last:  # this layer's pruned outputs feed the next one
+                for item in captured:
+                    out = layers[i](item[0], **item[1])
+                    item[0] = out[0] if isinstance(out, tuple) else out
+        return zeroed
 
     @torch.no_grad()
     def call(self, model: Model, ctx: PassContext) -> PassResult:
@@ -123,21 +221,18 @@ class NM(Pass):
         module = model.module
         candidates, skipped = self.targets(module)
         todo = [p for p in candidates if not is_nm_sparse(module.get_submodule(p).weight, cfg.n, cfg.m)]
-        stats_in, calib, n_tokens = ({}, None, 0)
-        if todo and cfg.method != "magnitude":
-            stats_in, calib, n_tokens = self._stats(model, ctx, todo)
-        zeroed = total = 0
-        for path in todo:
-            lin: nn.Linear = module.get_submodule(path)
-            w = lin.weight
-            if cfg.method == "sparsegpt":
-                new_w, _ = sparsegpt_nm(w, stats_in[path].gram, cfg.n, cfg.m, block_size=cfg.block_size, damp=cfg.damp)
-            else:
-                scores = magnitude_scores(w) if cfg.method == "magnitude" else wanda_scores(w, stats_in[path].sqnorm)
-                mask = nm_mask_from_scores(scores, cfg.n, cfg.m).to(w.device)
-                new_w = torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
-            zeroed += int(((w != 0) & (new_w == 0)).sum())
-            w.copy_(new_w.to(w.device))
+        calib, n_tokens, zeroed, total = None, 0, 0, 0
+        if todo and cfg.method == "magnitude":
+            zeroed = sum(self._prune(module.get_submodule(p), None) for p in todo)
+        elif todo:
+            tokens, calib = self._tokens(model, ctx)
+            n_tokens = int(tokens.numel())
+            was_training = module.training
+            module.eval()
+            try:
+                zeroed = (self._sequential if cfg.sequential else self._one_shot)(model, tokens, todo)
+            finally:
+                module.train(was_training)
         for path in candidates:
             w = module.get_submodule(path).weight
             total += w.numel()
@@ -155,6 +250,8 @@ class NM(Pass):
             "sparsity": zeros / total if total else 0.0,
             "format": cfg.format,
         }
+        if cfg.method != "magnitude":
+            stats["sequential"] = cfg.sequential
         if calib is not None:
             stats.update(calibration=calib, calibration_tokens=n_tokens)
         return PassResult(model, modified=bool(todo or packed), stats=stats)

@@ -108,6 +108,21 @@ def test_sparsegpt_tracks_the_dense_model_better_than_magnitude_on_held_out_text
     assert err["wanda"] < 1.05 * err["magnitude"]
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_sequential_calibration_matches_one_shot_on_the_first_layer_only(method):
+    one, seq = tiny_llama(), tiny_llama()
+    NM(method=method, format="dense", block_size=32, **SMALL)(one, CTX)
+    res = NM(method=method, format="dense", block_size=32, sequential=True, **SMALL)(seq, CTX)
+    assert res.stats["sequential"] and res.stats["layers_pruned"] == 14
+    a, b = one.module.model.layers, seq.module.model.layers
+    # layer 0 sees the dense embeddings either way; layer 1 sees pruned layer-0 outputs when sequential
+    for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+        torch.testing.assert_close(b[0].get_submodule(name).weight, a[0].get_submodule(name).weight, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(b[1].mlp.down_proj.weight, a[1].mlp.down_proj.weight)
+    for p in decoder_linears(seq):
+        assert is_nm_sparse(seq.module.get_submodule(p).weight, 2, 4)
+
+
 def test_skip_patterns_and_tied_heads():
     model = tiny_llama(tie=True)
     res = NM(method="magnitude", skip=["*mlp*"], format="packed", n=2, m=4)(model, CTX)
