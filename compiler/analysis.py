@@ -63,7 +63,7 @@ def find_groups(graph: Graph, module: nn.Module | None = None) -> list[Group]:
         leaf = find(roots[lid])
         if leaf.size == 1:
             block(leaf, "a single channel: removing it would leave an empty axis")
-        groups.append(_make_group(leaf, sl, module, owners))
+        groups.append(_make_group(leaf, sl, module, owners, st.producers))
     _name_uniquely(groups)
     return groups
 
@@ -134,13 +134,19 @@ _SUFFIX = {Role.KV_GROUP: "kv_group", Role.HEAD: "head", Role.MLP_NEURON: "neuro
 _TAG_SUFFIX = {"attn.head_dim": "head_dim", "expand": "expanded"}
 
 
-def _make_group(leaf: Atom, slices: list[Slice], module: nn.Module | None, owner_of: dict[str, str]) -> Group:
+def _make_group(leaf: Atom, slices: list[Slice], module: nn.Module | None, owner_of: dict[str, str],
+                producers: set[tuple[str, int]]) -> Group:
     params = sorted({s.param for s in slices})
     owners = sorted({owner_of.get(p) or _owner(p) for p in params})
     role = _role(leaf, [f"{o}." for o in owners])
     prefix = _common_prefix(owners)
     if role in (Role.KV_GROUP, Role.HEAD, Role.MLP_NEURON, Role.EXPERT, Role.EXPERT_NEURON) and prefix in owners and len(owners) > 1:
         prefix = _owner(prefix)
+    elif role in (Role.CONV_CHANNEL, Role.LINEAR_CHANNEL):
+        # channels are named after the first layer that produces them (conv/linear output rows)
+        made = next((s.param for s in slices if (s.param, s.axis) in producers), None)
+        if made is not None:
+            prefix = owner_of.get(made) or _owner(made)
     suffix = next((s for t, s in _TAG_SUFFIX.items() if t in leaf.tags), None) if role == Role.UNKNOWN else None
     name = f"{prefix or 'model'}:{suffix or _SUFFIX[role]}"
     reasons = sorted(leaf.reasons)

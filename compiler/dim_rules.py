@@ -31,6 +31,7 @@ class DimState:
         self.indexes: dict[int, Atom] = {}
         self.touched: set[tuple[int, int]] = set()
         self.even_splits: list[tuple[str, list[Atom]]] = []  # chunk parts, checked once all rules ran
+        self.producers: set[tuple[str, int]] = set()  # (param, axis) that are a layer's output channels
 
     def axes(self, v: Value | None) -> list[Atom]:
         if v is None or v.shape is None:
@@ -123,6 +124,8 @@ def rule_linear(st: DimState, node: Node) -> None:
             st.ax(b, k)
     for k in range(st.rank(x) - 1):
         st.link(x, k, out, k, why)
+    if w is not None and w.param:
+        st.producers.add((w.param, wo % max(1, st.rank(w))))
     tag(st.ax(w, wo), "linear.out")
     tag(st.ax(w, wi), "linear.in")
 
@@ -209,6 +212,8 @@ def rule_conv(st: DimState, node: Node) -> None:
         tag(ga, "conv.groups", g)
     if b is not None:
         st.link(b, 0, out, 1, why)
+    if w is not None and w.param:
+        st.producers.add((w.param, w_out))
     tag(st.ax(out, 1), "conv.out")
 
 
