@@ -404,3 +404,25 @@ def test_analysis_after_surgery_sees_per_layer_widths_and_leaves_the_graph_alone
     for v in views:
         g = next(g for g in pruned if g.role == Role.KV_GROUP and g.layer == v.index)
         assert _slices(g) == _slices(v.kv_group)
+
+
+def test_torch_and_onnx_front_ends_give_the_same_groups(tmp_path):
+    """One IR, one analysis: the DenseNet-style zoo net through torch.export and through ONNX."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from slimc.compiler.import_onnx import import_onnx, load_onnx
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "zoo_models.py"
+    spec = importlib.util.spec_from_file_location("slimc_zoo_models_a", path)
+    zoo = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = zoo
+    spec.loader.exec_module(zoo)
+    model, inputs = zoo.by_name("densenet-concat").build()
+    torch_groups = find_groups(import_module(model, inputs), model)
+    torch.onnx.export(model, (), kwargs=inputs, dynamo=True, verbose=False).save(str(tmp_path / "d.onnx"))
+    onnx_groups = find_groups(import_onnx(load_onnx(tmp_path / "d.onnx")))
+    key = lambda g: frozenset((s.param, s.axis, tuple(map(tuple, s.index.tolist()))) for s in g.slices)
+    assert {key(g) for g in prunable_groups(torch_groups)} == {key(g) for g in prunable_groups(onnx_groups)}
+    assert len(prunable_groups(torch_groups)) == 7
