@@ -37,8 +37,11 @@ _UNARY = {
     "Relu", "Sigmoid", "Tanh", "Gelu", "Erf", "Exp", "Log", "Neg", "Sqrt", "Reciprocal", "Abs", "Cast",
     "CastLike", "Identity", "Softplus", "Softsign", "LeakyRelu", "Elu", "Selu", "Celu", "HardSigmoid",
     "HardSwish", "Mish", "Clip", "Dropout", "IsNaN", "IsInf", "Not", "Sin", "Cos", "Tan", "Floor", "Ceil",
-    "Round", "Sign", "ThresholdedRelu", "Pow", "BitwiseNot", "Trilu", "FastGelu", "QuickGelu", "BiasGelu",
+    "Round", "Sign", "ThresholdedRelu", "Pow", "BitwiseNot", "Trilu", "QuickGelu",
 }
+# ONNX Runtime's fused element-wise ops (com.microsoft) whose second input is a per-channel bias
+_BIAS_ACT = {"FastGelu", "BiasGelu"}
+_SKIP_NORMS = {"SkipLayerNormalization": "layer", "SkipSimplifiedLayerNormalization": "rms"}
 _REDUCE = {
     "ReduceMean": "mean", "ReduceSum": "sum", "ReduceMax": "max", "ReduceMin": "min", "ReduceProd": "prod",
     "ReduceL1": "l1", "ReduceL2": "l2", "ReduceSumSquare": "sumsquare", "ReduceLogSum": "logsum",
@@ -50,7 +53,7 @@ _POOL = {
 }
 _NORM = {
     "LayerNormalization": "layer", "SimplifiedLayerNormalization": "rms", "RMSNormalization": "rms",
-    "SkipSimplifiedLayerNormalization": None, "BatchNormalization": "batch", "InstanceNormalization": "instance",
+    "BatchNormalization": "batch", "InstanceNormalization": "instance",
     "GroupNormalization": "group",
 }
 _SHAPE_ONLY = {"Shape", "Size"}
@@ -230,6 +233,15 @@ class _Lowering:
         if n.domain not in ("", "ai.onnx", "com.microsoft"):
             self.emit("opaque", n, ins, outs)
             return
+        if n.domain == "com.microsoft" and op not in _BIAS_ACT and op not in _SKIP_NORMS and op not in ("Gelu", "QuickGelu"):
+            self.emit("opaque", n, ins, outs)  # fused attention, quantised matmuls, ...: no rule
+            return
+        if op in _BIAS_ACT:
+            self.emit("elementwise", n, ins, outs[:1], fn=op.lower())
+            return
+        if op in _SKIP_NORMS:
+            self.lower_skip_norm(n, ins, outs)
+            return
         if op == "Constant":
             arr = const_array(n.outputs[0])
             for o in outs:
@@ -320,6 +332,26 @@ class _Lowering:
             mid = self.synth(outs[0], outs[0].shape)
             self.emit("matmul", n, [x, wb], [mid])
             self.emit("add", n, [mid, bias], outs)
+
+    def lower_skip_norm(self, n: ir.Node, ins: list, outs: list) -> None:
+        """ORT's SkipLayerNormalization: norm(input + skip (+ bias)); output 3 is that sum."""
+        kind = _SKIP_NORMS[n.op_type]
+        x, skip = ins[0], ins[1]
+        gamma = ins[2] if len(ins) > 2 else None
+        beta = ins[3] if kind == "layer" and len(ins) > 3 else None
+        bias = ins[4] if kind == "layer" and len(ins) > 4 else (ins[3] if kind == "rms" and len(ins) > 3 else None)
+        total = outs[3] if len(outs) > 3 and outs[3] is not None else self.synth(x, x.shape)
+        if bias is not None:
+            mid = self.synth(x, x.shape)
+            self.emit("add", n, [x, skip], [mid])
+            self.emit("add", n, [mid, bias], [total])
+        else:
+            self.emit("add", n, [x, skip], [total])
+        rank = len(x.shape) if x.shape is not None else 1
+        self.emit("norm", n, [total, gamma, beta], outs[:1], kind=kind, axis=-1, axes=[rank - 1],
+                  eps=float(_attr(n, "epsilon", 1e-5)))
+        if any(o is not None and o.users for o in outs[1:3]):
+            self.emit("opaque", n, [total], [o for o in outs[1:3] if o is not None])  # mean / inv std: no rule
 
     def lower_attention(self, n: ir.Node, ins: list, outs: list) -> None:
         """opset-23 Attention with 4-D [B, heads, S, head_dim] inputs is scaled dot-product attention."""

@@ -35,8 +35,9 @@ _ELEMENTWISE = {
     "Gelu", "Erf", "Exp", "Log", "Neg", "Sqrt", "Reciprocal", "Abs", "Cast", "CastLike", "Identity", "Softplus",
     "Softsign", "LeakyRelu", "Elu", "Selu", "Celu", "HardSigmoid", "HardSwish", "Mish", "Clip", "Dropout",
     "IsNaN", "IsInf", "Not", "Sin", "Cos", "Tan", "Floor", "Ceil", "Round", "Sign", "ThresholdedRelu",
-    "BitwiseNot", "Softmax", "LogSoftmax", "FastGelu", "QuickGelu", "BiasGelu", "Trilu",
+    "BitwiseNot", "Softmax", "LogSoftmax", "Trilu",
 }
+_MS_ELEMENTWISE = {"FastGelu", "BiasGelu", "QuickGelu", "Gelu"}  # com.microsoft, broadcasting like Add
 _CHANNEL_KEEPING = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "Resize", "Upsample",
                     "Pad", "BatchNormalization", "InstanceNormalization", "LpNormalization"}
 _LAST_AXES_NORMS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"}
@@ -146,6 +147,15 @@ class _Surgeon:
 
     def visit(self, n: ir.Node) -> None:  # noqa: C901 — one branch per op family
         op = n.op_type
+        if n.domain == "com.microsoft" and op in _MS_ELEMENTWISE:
+            self.elementwise(n, [v for v in n.inputs if v is not None], n.outputs[0])
+            return
+        if n.domain == "com.microsoft" and op in ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization"):
+            # norm(input + skip + bias) over the last axis; output 3 is the sum, same layout
+            self.elementwise(n, [v for v in n.inputs if v is not None], n.outputs[0])
+            if len(n.outputs) > 3 and n.outputs[3] is not None:
+                self.set(n.outputs[3], dict(self.get(n.outputs[0])), n)
+            return
         if n.domain not in ("", "ai.onnx"):
             raise self.fail(n, f"op domain '{n.domain}' has no shape rule in slimc")
         if op == "CastLike":  # the second input only names a type

@@ -415,3 +415,25 @@ def test_opset23_attention_and_rmsnormalization_ops(tmp_path):
     assert {gr.role for gr in plan} == {Role.KV_GROUP, Role.MLP_NEURON}
     ok, diff, _, err = check_plan(fresh, plan, feeds_for(fresh, (ids,)), tmp_path / "groups")
     assert ok and err == "", (diff, err)
+
+
+def test_onnxruntime_fused_ops_skiplayernorm_biasgelu(tmp_path):
+    """Files written by onnxruntime's transformer optimizer: com.microsoft SkipLayerNormalization, BiasGelu."""
+    from onnxruntime.transformers import optimizer
+
+    from slimc.compiler.analysis import find_groups
+    from slimc.compiler.onnx_roundtrip import check_plan, random_plan
+
+    ids = torch.randint(0, 64, (1, 8))
+    export_onnx(_bert(), (ids,), tmp_path / "bert.onnx")
+    fused = optimizer.optimize_model(str(tmp_path / "bert.onnx"), model_type="bert", num_heads=4, hidden_size=32, opt_level=0)
+    fused.save_model_to_file(str(tmp_path / "fused.onnx"))
+    model = load_onnx(tmp_path / "fused.onnx")
+    ms_ops = {n.op_type for n in model.graph if n.domain == "com.microsoft"}
+    assert {"SkipLayerNormalization", "BiasGelu"} <= ms_ops
+    g = import_onnx(model)
+    assert "opaque" not in [n.op for n in g.nodes], g.dump()
+    plan = random_plan(find_groups(g), 0.25, seed=0)
+    assert Role.MLP_NEURON in {gr.role for gr in plan}
+    ok, diff, stats, err = check_plan(model, plan, feeds_for(model, (ids,)), tmp_path / "rt")
+    assert ok and err == "" and stats["params_removed"] > 0, (diff, err)
