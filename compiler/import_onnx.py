@@ -10,6 +10,17 @@ and become attributes, not inputs: they carry no channels. Ops without a dimensi
 `opaque`, which blocks pruning of every dim they touch, so an unknown op can never be mis-pruned.
 A decomposed RMSNorm (Pow 2 -> ReduceMean -> Add eps -> Sqrt -> Reciprocal -> Mul x -> Mul w), as
 the PyTorch exporter writes it, is folded into one `norm` node of kind `rms`.
+
+Lowering (ONNX -> canonical op): MatMul/Gemm with an initializer -> linear (MatMul: w_out_axis 1,
+w_in_axis 0; a following Add of a 1-D initializer becomes its bias); MatMul of activations -> matmul;
+Conv/ConvTranspose -> conv; Add/Sub/Mul/Div -> add/sub/mul/div; Where/Max/Min/Equal/... and ORT's
+BiasGelu/FastGelu -> elementwise; Relu/Sigmoid/Cast/Pow/... -> unary; Softmax -> softmax;
+Reduce*/ArgMax/Global*Pool -> reduce; MaxPool/AveragePool/Resize/Pad -> pool (channel axis kept);
+Layer/RMS/Batch/Instance/GroupNormalization and ORT's SkipLayerNormalization -> norm (instance norm is
+kind batch with `instance`: per-channel statistics); Reshape/Squeeze/Unsqueeze/Flatten -> reshape;
+Transpose -> permute; Concat, Split, Slice (one node per axis), Expand; Gather of a 2-D initializer on
+axis 0 -> embedding, else gather; opset-23 Attention with 4-D inputs -> sdpa; Shape/Size -> source
+(reads sizes only, couples no channel); everything else -> opaque.
 """
 
 from __future__ import annotations
