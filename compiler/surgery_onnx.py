@@ -718,7 +718,7 @@ def _witness_shapes(model: ir.Model) -> dict[str, list[int]]:
 
     if not any(not isinstance(d, int) for v in model.graph.inputs if v.shape is not None for d in v.shape):
         return {}
-    proto = ir.serde.serialize_model(model)
+    proto = _structure_proto(model)
     sizes: dict[str, int] = {}
     for inp in proto.graph.input:
         for d in inp.type.tensor_type.shape.dim:
@@ -741,6 +741,27 @@ def _witness_shapes(model: ir.Model) -> dict[str, list[int]]:
     for init in inferred.graph.initializer:
         out[init.name] = list(init.dims)
     return out
+
+
+def _structure_proto(model: ir.Model, keep: int = 4096):
+    """The model as a proto with large initializers turned into typed graph inputs (no weight bytes).
+
+    Shape inference needs their shapes, and the values of small (shape) constants only; this keeps
+    the proto small (and under protobuf's 2 GB) for large models.
+    """
+    g = model.graph
+    big = [v for v in g.initializers.values() if v.const_value is not None and v.const_value.size > keep]
+    inputs = list(g.inputs)
+    for v in big:
+        g.initializers.pop(v.name)
+        g.inputs.append(v)
+    try:
+        return ir.serde.serialize_model(model)
+    finally:
+        g.inputs.clear()
+        g.inputs.extend(inputs)
+        for v in big:
+            g.register_initializer(v)
 
 
 class _FakeNode:
