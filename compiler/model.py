@@ -1,8 +1,8 @@
 """`Model`: what flows through a pipeline — weights, structure, and where they came from.
 
 A model comes from one front-end: a PyTorch `nn.Module` (Hugging Face models keep their
-`config` and `tokenizer`) or an ONNX model (`onnx_ir.Model`). Passes read `module`/`onnx`, the
-graph IR (`graph()`, imported lazily and cached until the structure changes) and the groups.
+`config` and `tokenizer`) or an ONNX model (`onnx_ir.Model`). Passes read `module`/`onnx`; the
+graph IR and its groups come from `compiler.analysis.model_graph` / `model_groups`.
 `history` records every pass that ran, with its stats and time, for the report.
 """
 
