@@ -149,6 +149,11 @@ def _summary(report: dict[str, Any], out: Path) -> None:
     for fmt, v in report["verification"].items():
         diff = v.get("max_abs_diff")
         detail = f"max abs diff {diff:.3g} (tolerance {v.get('atol'):g})" if diff is not None else v.get("check", "")
+        f64 = v.get("float64_check")
+        if f64:
+            pytorch = f64["pytorch_fp32_vs_fp64"]
+            mine = max(val for key, val in f64.items() if key.endswith("_vs_fp64") and not key.startswith("pytorch"))
+            detail += f"; vs float64: {mine:.3g}, PyTorch fp32 itself {pytorch:.3g} (fp32 rounding)"
         typer.echo(f"  {fmt}: {'verified' if v.get('ok') else 'FAILED'}, {detail}")
 
 

@@ -60,8 +60,18 @@ def atomic_dir(out: str | Path, protect: Iterable[Path] = ()) -> Iterator[Path]:
         raise
 
 
+def _normal_permissions(tmp: Path) -> None:
+    """Some writers (safetensors via a temp file) leave files private; give them the umask's mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in tmp.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, 0o666 & ~umask)
+
+
 def _replace(tmp: Path, out: Path) -> None:
     """Move tmp to out; an old slimc output is moved aside first and deleted only afterwards."""
+    _normal_permissions(tmp)
     old = None
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))

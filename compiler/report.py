@@ -145,8 +145,19 @@ def render_markdown(report: dict[str, Any]) -> str:
     if not report["passes"]:
         lines.append("| (none) | | | |")
     lines += ["", "## Verification", "", "| output | check | result | max abs diff | tolerance |", "| --- | --- | --- | --- | --- |"]
+    notes = []
     for fmt, v in report["verification"].items():
         lines.append(f"| {fmt} | {v.get('check', '')} | {'ok' if v.get('ok') else 'FAILED'} | {_fmt(v.get('max_abs_diff'))} | {_fmt(v.get('atol'))} |")
+        if v.get("float64_check"):
+            f64 = v["float64_check"]
+            mine = next(val for key, val in f64.items() if key.endswith("_vs_fp64") and not key.startswith("pytorch"))
+            notes.append(
+                f"- {fmt}: the difference exceeds the tolerance, so both were compared with a float64 PyTorch run: "
+                f"{fmt} is {_fmt(mine)} from it, PyTorch fp32 {_fmt(f64['pytorch_fp32_vs_fp64'])} "
+                f"(pass if <= {_fmt(f64['bound'])}): the gap is fp32 rounding, not the export."
+            )
+    if notes:
+        lines += ["", *notes]
     if report.get("layers"):
         lines += ["", "## Per-layer widths", "", f"![per-layer widths]({PLOT_NAME})", "",
                   "| layer | query heads | KV heads | MLP neurons |", "| --- | --- | --- | --- |"]

@@ -286,8 +286,34 @@ def test_smollm2_magnitude_20_end_to_end(tmp_path, monkeypatch):
     assert report["input"]["parameters"] > report["output"]["parameters"]
     assert all(row["intermediate_size"] == 1229 for row in report["layers"])  # 1536 - floor(0.2 * 1536)
     assert report["verification"]["hf"]["max_abs_diff"] < ATOL
-    assert report["verification"]["onnx"]["max_abs_diff"] < 1e-3
+    onnx_check = report["verification"]["onnx"]
+    # fp32 noise in the pruned SmolLM2's logits reaches ~3e-3 in PyTorch itself (vs float64); ORT must be as close
+    assert onnx_check["ok"] and (onnx_check["max_abs_diff"] < 1e-3 or
+                                 onnx_check["float64_check"]["onnxruntime_vs_fp64"] <= onnx_check["float64_check"]["bound"])
+    assert report["verification"]["pt2"]["ok"]
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     ours = load(out)
     ids = ours.tokenizer("def add(a, b):\n    return a + b", return_tensors="pt")["input_ids"]
     assert (logits(reloaded, ids) - logits(ours.module, ids)).abs().max() < ATOL
+
+
+def test_inspect_onnx_lists_groups(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    f = tmp_path / "mlp.onnx"
+    torch.onnx.export(net, (torch.randn(2, 6),), str(f), dynamo=True, opset_version=18)
+    r = compress("inspect", f, "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["format"] == "onnx" and info["parameters"] == 6 * 8 + 8 + 8 * 3 + 3
+    hidden = [g for g in info["groups"] if g["size"] == 8]
+    assert hidden and hidden[0]["prunable"]  # the 8 hidden units between the two layers
+
+
+def test_export_pt2_of_a_trusted_pickle(tmp_path):
+    """A trusted pickled nn.Module without example inputs cannot be exported: a clear error, no OUT."""
+    f = tmp_path / "net.pt"
+    torch.save(torch.nn.Linear(3, 2), f)
+    out = tmp_path / "o"
+    r = compress("export", f, "--format", "pt2", "--trust-pickle", "-o", out)
+    assert_user_error(r, no_paths=[out])
+    assert "example inputs" in r.stderr

@@ -1,7 +1,7 @@
 """HF emitter: stock config when uniform, per-layer config + modeling file otherwise; reload is exact."""
 
 import json
-import warnings
+import os
 
 import pytest
 import torch
@@ -157,6 +157,9 @@ def test_save_refuses_foreign_directory_and_replaces_own(tmp_path):
     save(model, out2)
     save(model, out2)  # a previous slimc output is replaced
     assert (out2 / "report.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["out", "out2"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out2 / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not left private
 
 
 def test_tokenizer_and_generation_config_are_written(tmp_path):
