@@ -619,3 +619,65 @@ def import_onnx(model: ir.Model) -> Graph:
     if not isinstance(model, ir.Model):
         raise SlimcError("import_onnx expects an onnx_ir.Model; load the file with load_onnx(path)")
     return _Lowering(model).run()
+
+
+_WITNESS_SIZES = (11, 13, 17, 19, 23, 29, 31, 37, 41, 43)
+
+
+def witness_shapes(model: ir.Model, sizes: tuple[int, ...] | None = None) -> dict[str, list[int]]:
+    """Concrete shapes of every value for one choice of the symbolic input sizes ({} if static).
+
+    With dynamic axes a reshape may merge batch and heads into one run-time size. Surgery tracks
+    removed indices on these witness sizes (odd primes, unlikely to meet a channel count) and only
+    rewrites constants that encode channels, so the pruned model stays dynamic.
+    """
+    import onnx
+
+    sizes = sizes or _WITNESS_SIZES
+    if not any(not isinstance(d, int) for v in model.graph.inputs if v.shape is not None for d in v.shape):
+        return {}
+    proto = _structure_proto(model)
+    chosen: dict[str, int] = {}
+    for inp in proto.graph.input:
+        for d in inp.type.tensor_type.shape.dim:
+            if not d.HasField("dim_value"):
+                key = d.dim_param or f"?{len(chosen)}"
+                if key not in chosen:
+                    chosen[key] = sizes[len(chosen) % len(sizes)]
+                d.dim_value = chosen[key]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # noqa: BLE001 — no witness: symbolic axes then cannot be followed
+        return {}
+    out: dict[str, list[int]] = {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+            if all(isinstance(d, int) and d > 0 for d in dims):
+                out[vi.name] = dims
+    for init in inferred.graph.initializer:
+        out[init.name] = list(init.dims)
+    return out
+
+
+def _structure_proto(model: ir.Model, keep: int = 4096):
+    """The model as a proto with large initializers turned into typed graph inputs (no weight bytes).
+
+    Shape inference needs their shapes, and the values of small (shape) constants only; this keeps
+    the proto small (and under protobuf's 2 GB) for large models.
+    """
+    g = model.graph
+    big = [v for v in g.initializers.values() if v.const_value is not None and v.const_value.size > keep]
+    inputs = list(g.inputs)
+    for v in big:
+        g.initializers.pop(v.name)
+        g.inputs.append(v)
+    try:
+        return ir.serde.serialize_model(model)
+    finally:
+        g.inputs.clear()
+        g.inputs.extend(inputs)
+        for v in big:
+            g.register_initializer(v)
+

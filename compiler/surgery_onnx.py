@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from .errors import SlimcError
 from .groups import Group
-from .import_onnx import const_array
+from .import_onnx import const_array, witness_shapes
 from .surgery import _removals
 
 Removed = dict[int, np.ndarray]  # axis -> sorted removed indices (old numbering)
@@ -98,7 +98,7 @@ class _Surgeon:
         self.shape_writes: list[tuple[ir.Node, int, np.ndarray]] = []  # (node, input index, new constant)
         self.attr_writes: list[tuple[ir.Node, str, Any]] = []
         self.dyn_writes: list[tuple[ir.Node, int, ir.Node, dict[int, np.ndarray]]] = []
-        self.witness = _witness_shapes(model)
+        self.witness = witness_shapes(model)
 
     # -- bookkeeping -------------------------------------------------------------------------
     def get(self, v: ir.Value | None) -> Removed:
@@ -702,66 +702,6 @@ class _Surgeon:
             k += 1
         self._taken.add(f"{base}{k}")
         return f"{base}{k}"
-
-
-_WITNESS_SIZES = (11, 13, 17, 19, 23, 29, 31, 37, 41, 43)
-
-
-def _witness_shapes(model: ir.Model) -> dict[str, list[int]]:
-    """Concrete shapes of every value for one choice of the symbolic input sizes ({} if static).
-
-    With dynamic axes a reshape may merge batch and heads into one run-time size; removed indices
-    are then tracked on these witness sizes (odd primes, unlikely to meet a channel count), and
-    only constants that encode channels are rewritten, so the pruned model stays dynamic.
-    """
-    import onnx
-
-    if not any(not isinstance(d, int) for v in model.graph.inputs if v.shape is not None for d in v.shape):
-        return {}
-    proto = _structure_proto(model)
-    sizes: dict[str, int] = {}
-    for inp in proto.graph.input:
-        for d in inp.type.tensor_type.shape.dim:
-            if not d.HasField("dim_value"):
-                key = d.dim_param or f"?{len(sizes)}"
-                if key not in sizes:
-                    sizes[key] = _WITNESS_SIZES[len(sizes) % len(_WITNESS_SIZES)]
-                d.dim_value = sizes[key]
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception:  # noqa: BLE001 — no witness: symbolic axes then cannot be followed
-        return {}
-    out: dict[str, list[int]] = {}
-    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-        t = vi.type.tensor_type
-        if t.HasField("shape"):
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-            if all(isinstance(d, int) and d > 0 for d in dims):
-                out[vi.name] = dims
-    for init in inferred.graph.initializer:
-        out[init.name] = list(init.dims)
-    return out
-
-
-def _structure_proto(model: ir.Model, keep: int = 4096):
-    """The model as a proto with large initializers turned into typed graph inputs (no weight bytes).
-
-    Shape inference needs their shapes, and the values of small (shape) constants only; this keeps
-    the proto small (and under protobuf's 2 GB) for large models.
-    """
-    g = model.graph
-    big = [v for v in g.initializers.values() if v.const_value is not None and v.const_value.size > keep]
-    inputs = list(g.inputs)
-    for v in big:
-        g.initializers.pop(v.name)
-        g.inputs.append(v)
-    try:
-        return ir.serde.serialize_model(model)
-    finally:
-        g.inputs.clear()
-        g.inputs.extend(inputs)
-        for v in big:
-            g.register_initializer(v)
 
 
 class _FakeNode:
