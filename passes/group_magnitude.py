@@ -39,30 +39,14 @@ class GroupMagnitudeConfig(PassConfig):
     min_size: int = Field(2, ge=2, description="groups with fewer channels are left whole")
 
 
-def model_groups(model: Model) -> tuple[list[Group], dict[str, torch.Tensor]]:
-    """The model's groups and the tensors their slices name (initializers for ONNX)."""
-    from ..compiler.analysis import find_groups
-
+def model_tensors(model: Model) -> dict[str, torch.Tensor]:
+    """The tensors group slices name: ONNX initializers, or the module's parameters and buffers."""
     if model.is_onnx:
-        from ..compiler.import_onnx import import_onnx
-
-        graph = import_onnx(model.onnx)
-        tensors = {n: torch.from_numpy(np.array(v.const_value.numpy())) for n, v in model.onnx.graph.initializers.items()
-                   if v.const_value is not None}
-        return find_groups(graph), tensors
-    from ..compiler.import_torch import import_module
-
-    if model.example_inputs:
-        example = dict(model.example_inputs)
-    elif model.is_causal_lm:
-        example = {"input_ids": torch.zeros(1, 8, dtype=torch.long)}
-    else:
-        raise SlimcError("group-magnitude needs example inputs to trace this PyTorch model; "
-                         "set Model.example_inputs (forward keyword arguments) or give an ONNX file")
-    graph = import_module(model.module, example)
+        return {n: torch.from_numpy(np.array(v.const_value.numpy())) for n, v in model.onnx.graph.initializers.items()
+                if v.const_value is not None}
     tensors = dict(model.module.named_parameters(remove_duplicate=False))
     tensors.update(dict(model.module.named_buffers(remove_duplicate=False)))
-    return find_groups(graph, model.module), tensors
+    return tensors
 
 
 @register_pass
@@ -77,7 +61,9 @@ class GroupMagnitude(Pass):
 
     def call(self, model: Model, ctx: PassContext) -> PassResult:
         cfg: GroupMagnitudeConfig = self.config
-        groups, tensors = model_groups(model)
+        from ..compiler.analysis import model_groups  # ONNX importer, or torch.export with example inputs
+
+        groups, tensors = model_groups(model), model_tensors(model)
         plan: dict[Group, list[int]] = {}
         for g in groups:
             if not g.prunable or not g.exact or g.size < cfg.min_size:
