@@ -109,3 +109,24 @@ def test_cli_compresses_an_onnx_file(tmp_path):
     assert [tuple(v.shape) for n, v in pruned.graph.initializers.items() if n.endswith("c1.weight")] == [(6, 3, 3, 3)]
     y = run_ort(out / "model.onnx", feeds_for(pruned, (x,)))[0]
     assert y.shape == (1, 4) and np.isfinite(y).all()
+
+
+def test_mlp_neurons_match_the_magnitude_pass():
+    """On MLP neurons the group norm is the magnitude pass's neuron norm: both remove the same neurons."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slimc.passes.magnitude import Magnitude
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    lm = perturb_parameters_(LlamaForCausalLM(cfg)).eval()
+    a = Model(module=lm, config=lm.config)
+    b = Model(module=copy.deepcopy(lm), config=copy.deepcopy(lm.config))
+    ra = GroupMagnitude(sparsity=0.25, roles=["mlp.neuron"])(a)
+    rb = Magnitude(sparsity=0.25)(b)
+    assert ra.stats["channels_removed"] == rb.stats["neurons_removed"] == 2 * 12
+    for (na, ta), (nb, tb) in zip(a.module.state_dict().items(), b.module.state_dict().items()):
+        assert na == nb and ta.shape == tb.shape and torch.equal(ta, tb), na
