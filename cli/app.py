@@ -14,8 +14,6 @@ cause print `error: <one line>` on stderr and exit with status 2 (a traceback on
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import json
 import sys
 import time
@@ -162,7 +160,7 @@ def run_command(
     model: str = typer.Argument(..., help="HF dir, .gguf, .pt2, .onnx, .pt, or the alias 'smollm2'"),
     recipe: str = typer.Option(..., "--recipe", "-r", help="shipped recipe name (see `compress recipes`) or a .yaml path"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="output directory [default: <input>-<recipe>]"),
-    format: str = typer.Option("hf", "--format", "-f", help="hf | onnx | pt2 | all"),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help="hf | onnx | pt2 | all [default: hf; onnx for .onnx input, pt2 for .pt2]"),
     calib: str = typer.Option("pydoc", "--calib", help="calibration text: 'pydoc', a .txt or a .jsonl with a 'text' field"),
     device: str = typer.Option("cpu", "--device", help="device the passes run on (emission runs on cpu)"),
     seed: int = typer.Option(0, "--seed", help="random seed for calibration sampling"),
@@ -176,7 +174,13 @@ def run_command(
         _run(model, recipe, output, format, calib, device, seed, set_, trust_pickle, config)
 
 
-def _run(model_arg: str, recipe_arg: str, output: Path | None, format: str, calib: str, device: str,
+def default_format(model_arg: str) -> str:
+    """hf, except for an ONNX or .pt2 input (which has no Hugging Face config to write)."""
+    suffix = Path(model_arg).suffix.lower()
+    return {".onnx": "onnx", ".pt2": "pt2"}.get(suffix, "hf")
+
+
+def _run(model_arg: str, recipe_arg: str, output: Path | None, format: str | None, calib: str, device: str,
          seed: int, overrides: list[str], trust_pickle: bool, config: str | None) -> None:
     import torch
 
@@ -190,6 +194,7 @@ def _run(model_arg: str, recipe_arg: str, output: Path | None, format: str, cali
 
     # everything that can be checked without loading the model is checked first
     recipe = load_recipe(recipe_arg, overrides)
+    format = format or default_format(model_arg)
     formats_for(format)
     source = open_source(calib)  # cheap: the text is read only when a pass asks for windows
     device = _device(device)
@@ -263,19 +268,14 @@ def llm_summary(model: Any) -> dict[str, Any]:
 
 
 def generic_groups(model: Any) -> list[dict[str, Any]] | None:
-    """Groups from engineer A's coupled-dimension analysis on the graph IR (None when it cannot run)."""
-    if importlib.util.find_spec("slimc.compiler.analysis") is None:
-        return None
-    analysis = importlib.import_module("slimc.compiler.analysis")
-    if model.is_onnx:
-        graph = importlib.import_module("slimc.compiler.import_onnx").import_onnx(model.onnx)
-    elif model.example_inputs:
-        graph = importlib.import_module("slimc.compiler.import_torch").import_module(model.module, model.example_inputs)
-    else:
+    """Groups from engineer A's coupled-dimension analysis on the graph IR (None without example inputs)."""
+    from ..compiler.analysis import model_groups
+
+    if not model.is_onnx and not model.example_inputs:
         return None  # a torch module without example inputs cannot be traced
     return [
         {"name": g.name, "role": g.role, "layer": g.layer, "size": g.size, "prunable": g.prunable, "reason": g.reason}
-        for g in analysis.find_groups(graph, model.module)
+        for g in model_groups(model)
     ]
 
 
@@ -372,15 +372,10 @@ def export_command(
         _summary(report, out)
 
 
-def _register_eval() -> None:
-    """`compress eval` lives in engineer D's cli/eval_cmd.py; wire it in when it is there."""
-    if importlib.util.find_spec("slimc.cli.eval_cmd") is None:
-        return
-    eval_cmd = importlib.import_module("slimc.cli.eval_cmd")
-    app.command("eval")(eval_cmd.eval_command)
+# `compress eval` is engineer D's (cli/eval_cmd.py), registered here so `compress eval ...` dispatches
+from .eval_cmd import eval_command  # noqa: E402 — after `app` exists; eval_cmd imports app lazily
 
-
-_register_eval()
+app.command("eval")(eval_command)
 
 
 def dispatch(argv: list[str]) -> list[str]:

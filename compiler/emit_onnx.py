@@ -53,8 +53,14 @@ def export_spec(model: Model) -> tuple[nn.Module, dict[str, torch.Tensor], dict[
         raise SlimcError("export needs example inputs for a model that is not a causal LM (Model.example_inputs)")
     example = {k: v for k, v in model.example_inputs.items()}
     dynamic = {k: ({0: torch.export.Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() > 0 else None) for k, v in example.items()}
-    more = [{k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in example.items()}]
-    return model.module.eval(), example, dynamic, more
+    module = model.module.eval()
+    doubled = {k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in example.items()}
+    try:
+        _run(module, doubled)
+        more = [doubled]
+    except Exception:  # noqa: BLE001 — the module takes only its example batch (e.g. a .pt2 exported static)
+        more = []
+    return module, example, dynamic, more
 
 
 def positional(module: nn.Module, example: dict[str, Any], dynamic: dict[str, Any]) -> tuple[tuple, dict, Any, list[str]]:
@@ -116,8 +122,11 @@ def write_onnx(model: Model, out_dir: Path) -> Path:
 
 
 def _run(module: nn.Module, inputs: dict[str, Any]) -> np.ndarray:
+    """The module's (first) output in float64 numpy; inputs go positionally where forward allows
+    (a program loaded from .pt2 accepts only the positional form it was exported with)."""
+    args, kwargs, _, _ = positional(module, inputs, {k: None for k in inputs})
     with torch.no_grad():
-        out = module(**inputs)
+        out = module(*args, **kwargs)
     out = out[0] if isinstance(out, (tuple, list)) else out
     return out.detach().cpu().to(torch.float64).numpy()
 

@@ -316,6 +316,11 @@ def load_pt2(path: Path) -> Model:
     except Exception as e:  # noqa: BLE001 — torch.export.load raises many types on a bad file
         raise SlimcError(f"{path}: not a readable torch.export .pt2 file ({type(e).__name__}: {_first_line(e)})") from None
     module = program.module()
+    # The program's train/eval behaviour was fixed when it was exported; torch makes .eval()/.train()
+    # raise on it, which breaks generic code (emitters, analysis) that calls them. The flags cannot
+    # change what the graph computes, so restore the ordinary nn.Module methods.
+    for name in ("train", "eval"):
+        module.__dict__.pop(name, None)
     example = None
     inputs = getattr(program, "example_inputs", None)
     if inputs is not None:

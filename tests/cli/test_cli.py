@@ -317,3 +317,19 @@ def test_export_pt2_of_a_trusted_pickle(tmp_path):
     r = compress("export", f, "--format", "pt2", "--trust-pickle", "-o", out)
     assert_user_error(r, no_paths=[out])
     assert "example inputs" in r.stderr
+
+
+def test_onnx_and_pt2_inputs_default_to_their_own_format(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 6)
+    torch.onnx.export(net, (x,), str(tmp_path / "mlp.onnx"), dynamo=True, opset_version=18)
+    torch.export.save(torch.export.export(net, (x,)), tmp_path / "mlp.pt2")  # static batch 2
+    r = compress(tmp_path / "mlp.onnx", "--recipe", "identity")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "mlp-identity" / "model.onnx").is_file()
+    r = compress(tmp_path / "mlp.pt2", "--recipe", "identity", "-o", tmp_path / "p", "--format", "onnx,pt2")
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert report["verification"]["onnx"]["max_abs_diff"] < 1e-5 and report["verification"]["pt2"]["max_abs_diff"] == 0
+    r = compress(tmp_path / "mlp.onnx", "--recipe", "identity", "--format", "hf", "-o", tmp_path / "h")
+    assert_user_error(r, no_paths=[tmp_path / "h"])
