@@ -1,6 +1,6 @@
 """ONNX front-end on a zoo of exported models: groups found, prunable share, exact pruning.
 
-    python benchmarks/onnx_zoo.py [--fraction 0.25] [--only llama,gpt2] [--smollm2 [--dynamic]]
+    python benchmarks/onnx_zoo.py [--fraction 0.25] [--only llama,gpt2] [--shared-zoo] [--smollm2 [--dynamic]]
 
 For every model: export with `torch.onnx.export(dynamo=True, opset 18)`, load and import through
 `compiler.import_onnx`, find groups with `compiler.analysis.find_groups`, then remove `fraction`
@@ -16,6 +16,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -230,6 +231,43 @@ def smollm2(fraction: float, seq: int = 64, dynamic: bool = False) -> None:
           f"({dense_ms / pruned_ms:.2f}x)")
 
 
+class KwargsAsArgs(nn.Module):
+    """Positional inputs for the export, passed on as the keyword arguments the model expects."""
+
+    def __init__(self, module: nn.Module, keys: list[str], pick: Callable):
+        super().__init__()
+        self.m, self.keys, self.pick = module, keys, pick
+
+    def forward(self, *xs):
+        return self.pick(self.m(**dict(zip(self.keys, xs))))
+
+
+def shared_zoo_rows(fraction: float) -> list[tuple]:
+    """Engineer A's zoo (benchmarks/zoo_models.py) through the ONNX front-end: one row per model."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("slimc_zoo_models", Path(__file__).with_name("zoo_models.py"))
+    zoo = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = zoo
+    spec.loader.exec_module(zoo)
+    rows = []
+    for entry in zoo.ZOO:
+        if entry.onnx_refusal:
+            rows.append((entry.name, "-", "-", "-", "-", "-", "not exportable", "-", "-"))
+            continue
+        module, kwargs = entry.build()
+        keys = list(kwargs)
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            case = onnx_roundtrip_case(KwargsAsArgs(module, keys, zoo.main_output), tuple(kwargs[k] for k in keys), Path(tmp),
+                                       fraction=fraction, per_group=True)
+        rows.append((entry.name, case.groups, case.prunable, f"{case.prunable_fraction:.1%}",
+                     f"{case.params_removed}/{case.params_before}", f"{case.groups_exact}/{case.groups_checked}",
+                     "yes" if case.exact else f"no {case.error[:80]}", f"{case.max_diff:.1e}", f"{time.perf_counter() - t0:.1f}"))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fraction", type=float, default=0.25)
@@ -237,6 +275,7 @@ def main() -> None:
     ap.add_argument("--errors", action="store_true", help="print why groups failed")
     ap.add_argument("--smollm2", action="store_true", help="also run the real SmolLM2-135M model (about 2 minutes)")
     ap.add_argument("--dynamic", action="store_true", help="with --smollm2: export with dynamic batch and sequence")
+    ap.add_argument("--shared-zoo", action="store_true", help="also run engineer A's zoo (benchmarks/zoo_models.py)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -271,6 +310,14 @@ def main() -> None:
         print()
         for n in notes:
             print(f"- {n}")
+    if args.shared_zoo:
+        print()
+        print("Shared zoo (benchmarks/zoo_models.py) through the ONNX front-end:")
+        print()
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for r in shared_zoo_rows(args.fraction):
+            print("| " + " | ".join(str(x) for x in r) + " |")
     if args.smollm2:
         print()
         smollm2(args.fraction, dynamic=args.dynamic)
