@@ -437,3 +437,30 @@ def test_onnxruntime_fused_ops_skiplayernorm_biasgelu(tmp_path):
     assert Role.MLP_NEURON in {gr.role for gr in plan}
     ok, diff, stats, err = check_plan(model, plan, feeds_for(model, (ids,)), tmp_path / "rt")
     assert ok and err == "" and stats["params_removed"] > 0, (diff, err)
+
+
+def test_split_by_num_outputs_gets_explicit_sizes(tmp_path):
+    """opset 18 Split(num_outputs=2): pruning one half makes the chunks unequal, so sizes are written out."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 8)).astype(np.float32)
+    wa, wb = rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal((4, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node("Split", ["h"], ["h0", "h1"], name="split", axis=1, num_outputs=2),
+        helper.make_node("MatMul", ["h0", "wa"], ["ya"], name="mma"),
+        helper.make_node("MatMul", ["h1", "wb"], ["yb"], name="mmb"),
+        helper.make_node("Add", ["ya", "yb"], ["y"], name="add"),
+    ]
+    inits = [helper.make_tensor(n, TensorProto.FLOAT, a.shape, a.ravel()) for n, a in (("w", w), ("wa", wa), ("wb", wb))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "split.onnx")
+    model = load_onnx(tmp_path / "split.onnx")
+    grp = Group("first-half", 4, [Slice("w", 1, block_index(4, 1)), Slice("wa", 0, block_index(4, 1))])
+    feeds = {"x": rng.standard_normal((2, 6)).astype(np.float32)}
+    stats, _, _ = _roundtrip(model, {grp: [1]}, feeds, tmp_path)
+    assert stats["params_removed"] == 6 + 3
+    split = next(n for n in model.graph if n.op_type == "Split")
+    assert "num_outputs" not in split.attributes and split.inputs[1].const_value.numpy().tolist() == [3, 4]
