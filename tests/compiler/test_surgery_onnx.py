@@ -464,3 +464,36 @@ def test_split_by_num_outputs_gets_explicit_sizes(tmp_path):
     assert stats["params_removed"] == 6 + 3
     split = next(n for n in model.graph if n.op_type == "Split")
     assert "num_outputs" not in split.attributes and split.inputs[1].const_value.numpy().tolist() == [3, 4]
+
+
+def test_slice_bounds_and_gather_indices_follow_removed_channels(tmp_path):
+    """h = x @ W (8 channels); Slice h[:, 2:7] and Gather h[:, [6, 7]]: bounds and indices are renumbered."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    arrays = {"w": rng.standard_normal((6, 8)), "w2": rng.standard_normal((5, 3)), "w3": rng.standard_normal((2, 3))}
+    i64 = {"starts": [2], "ends": [7], "axes": [1], "idx": [6, 7]}
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node("Slice", ["h", "starts", "ends", "axes"], ["hs"], name="slice"),
+        helper.make_node("MatMul", ["hs", "w2"], ["ya"], name="mm2"),
+        helper.make_node("Gather", ["h", "idx"], ["hg"], name="gather", axis=1),
+        helper.make_node("MatMul", ["hg", "w3"], ["yb"], name="mm3"),
+        helper.make_node("Add", ["ya", "yb"], ["y"], name="add"),
+    ]
+    inits = [helper.make_tensor(n, TensorProto.FLOAT, a.shape, a.astype(np.float32).ravel()) for n, a in arrays.items()]
+    inits += [helper.make_tensor(n, TensorProto.INT64, [len(v)], v) for n, v in i64.items()]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "sg.onnx")
+    model = load_onnx(tmp_path / "sg.onnx")
+    unread = Group("unread", 1, [Slice("w", 1, torch.tensor([[0]]))])  # channel 0 feeds nothing
+    inside = Group("inside", 1, [Slice("w", 1, torch.tensor([[3]])), Slice("w2", 0, torch.tensor([[1]]))])
+    feeds = {"x": rng.standard_normal((2, 6)).astype(np.float32)}
+    stats, _, _ = _roundtrip(model, {unread: [0], inside: [0]}, feeds, tmp_path)
+    assert stats["params_removed"] == 6 + 6 + 3
+    nodes = {n.name: n for n in model.graph}
+    sl, ga = nodes["slice"], nodes["gather"]
+    # old channels 2, 4, 5, 6 are new 1 .. 4; old 6, 7 are new 4, 5
+    assert sl.inputs[1].const_value.numpy().tolist() == [1] and sl.inputs[2].const_value.numpy().tolist() == [5]
+    assert ga.inputs[1].const_value.numpy().tolist() == [4, 5]
