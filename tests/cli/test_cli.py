@@ -187,6 +187,16 @@ def test_unknown_recipe_and_bad_override(tiny_dir, tmp_path):
     assert "sparsity" in r.stderr
 
 
+def test_bad_calibration_source_and_device_fail_before_loading(tiny_dir, tmp_path):
+    path, _ = tiny_dir
+    out = tmp_path / "o"
+    r = compress(path, "--recipe", "identity", "--calib", "data.csv", "-o", out)
+    assert_user_error(r, no_paths=[out])
+    assert "calibration" in r.stderr
+    r = compress(path, "--recipe", "identity", "--device", "nonsense", "-o", out)
+    assert_user_error(r, no_paths=[out])
+
+
 def test_output_is_input_refused(tiny_dir):
     path, _ = tiny_dir
     before = sorted(p.name for p in path.iterdir())
