@@ -260,7 +260,9 @@ def _tokenizer(path: Path, **kwargs: Any):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path), **kwargs)
+        # never run code from the checkpoint: a per-layer config's auto_map would otherwise make
+        # transformers ask on stdin whether to trust it
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as e:
         warnings.warn(f"{path}: tokenizer not loaded ({_first_line(e)}); continuing without one")
         return None

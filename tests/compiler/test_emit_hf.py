@@ -190,3 +190,13 @@ def test_nm_sparse_layers_round_trip(tmp_path):
     assert report["verification"]["hf"]["max_abs_diff"] < ATOL
     again = load(out)
     assert all(isinstance(again.module.get_submodule(n), SparseLinear) for n in names)
+
+
+def test_per_layer_checkpoint_keeps_its_tokenizer_without_remote_code(tmp_path, capfd):
+    model = non_uniform(tiny_model())
+    model.tokenizer = tiny_tokenizer()
+    save(model, tmp_path / "out")
+    capfd.readouterr()
+    again = load(tmp_path / "out")
+    assert again.tokenizer is not None and again.tokenizer("w9")["input_ids"] == [9]
+    assert "custom code" not in capfd.readouterr().out  # never asks whether to trust the shipped modeling file
