@@ -77,6 +77,11 @@ class Steps:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        pending = getattr(self, "_pass_cm", None)
+        if pending is not None and exc[0] is not None:  # a pass failed: drop its line, the error says which
+            with contextlib.suppress(BaseException):
+                pending.__exit__(*exc)
+            self._pass_cm = None
         self.progress.__exit__(*exc)
 
     @contextlib.contextmanager

@@ -17,8 +17,10 @@ Checkpoints slimc wrote load too: per-layer widths (`slimc_layers`) through
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import io
 import json
 import pickle
 import struct
@@ -286,7 +288,8 @@ def load_gguf(path: Path) -> Model:
     if importlib.util.find_spec("gguf") is None:
         raise SlimcError("reading .gguf needs the gguf package: pip install 'slimc[gguf]'")
     try:
-        with warnings.catch_warnings():
+        # the de-quantisation draws a tqdm bar on stderr that transformers' progress switch does not reach
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             module = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError, KeyError, struct.error) as e:
