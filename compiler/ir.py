@@ -36,6 +36,13 @@ Added by the PyTorch importer (each has its rule in `compiler/dim_rules.py`):
   one_hot    (x,)                      num_classes: like histc, a new last axis addressed by x's values
   grouped_mm (x, weight, offsets)      MoE experts: x[S, in] @ weight[E, in, out] per expert; offsets[E]
   source     ()                        a tensor created from nothing (arange, zeros, full): sizes fixed at trace time
+
+Added by the ONNX importer (rules in `compiler/dim_rules.py` too):
+  pool       (x,)                      kind: max | avg | lp | resize | pad | ...; channel axis 1 kept
+  norm       kind batch with instance=True (InstanceNormalization: per-channel, per-sample statistics)
+  linear     alpha, beta (Gemm scaling)
+  source     fn: shape | size (Shape / Size of a tensor)
+  sdpa       also from ONNX `Attention` (opset 23, 4-D inputs)
 """
 
 from __future__ import annotations
