@@ -22,7 +22,9 @@ from slimc.compiler.loaders import load
 from slimc.compiler.model import Model
 from slimc.compiler.pipeline import PassContext
 from slimc.compiler.recipes import load_recipe
-from slimc.passes.flap import Flap
+from slimc.compiler.calibration import open_source
+from slimc.compiler.surgery import apply_plan
+from slimc.passes.flap import Flap, FlapConfig, compensate, plan_flap
 
 
 def torch_runner(model: Model, ids: torch.Tensor):
@@ -63,6 +65,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--no-onnx", action="store_true")
+    ap.add_argument("--stats-cache", help="calibration statistics saved by benchmarks/flap.py --stats-cache")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dense = load("smollm2")
@@ -72,7 +75,15 @@ def main() -> None:
         recipe = load_recipe(f"flap-{int(round(p * 100))}") if p in (0.2, 0.3, 0.5) else None
         opts = recipe.passes[0][1] if recipe else dict(sparsity=p)
         t0 = time.perf_counter()
-        Flap(**opts)(m, PassContext())
+        if args.stats_cache and os.path.exists(args.stats_cache):
+            # statistics saved by benchmarks/flap.py for the same windows: same plan, no recalibration
+            cfg = FlapConfig(**opts)
+            tokens = open_source(cfg.calibration).windows(dense.tokenizer, cfg.samples, cfg.seq_len, cfg.seed or 0)
+            fp = plan_flap(m, tokens, cfg, torch.load(args.stats_cache, weights_only=False))
+            compensate(m.module, fp.compensations)
+            apply_plan(m.module, fp.plan)
+        else:
+            Flap(**opts)(m, PassContext())
         print(f"# flap p={p}: pruned in {time.perf_counter() - t0:.1f} s, {m.num_parameters():,} parameters", flush=True)
         models[f"flap-{int(round(p * 100))}"] = m
     ids = torch.randint(0, dense.config.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(0))
