@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .errors import SlimcError
+from .llm import find_layer_list
 from .model import Model
 
 PYDOC = "pydoc"
@@ -207,17 +208,6 @@ class _StopForward(Exception):
     pass
 
 
-def _decoder_layers(module: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    for path in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers"):
-        try:
-            layers = module.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(layers, nn.ModuleList):
-            return path, layers
-    return None
-
-
 def _hook_inputs(module: nn.Module, names: list[str], accs: dict[str, _Accumulator]) -> list[Any]:
     handles = []
     for name in names:
@@ -254,7 +244,7 @@ def collect_input_stats(
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [n, seq_len], got shape {tuple(tokens.shape)}")
     accs = {name: _Accumulator(gram) for name in modules}
-    found = _decoder_layers(module)
+    found = find_layer_list(module)
     in_layer: dict[int, list[str]] = {}
     outside: list[str] = []
     for name in modules:
@@ -293,7 +283,7 @@ def decoder_inputs(module: nn.Module, batches: list[torch.Tensor]) -> tuple[nn.M
     embeddings, attention mask, ...) are the same for every layer, so any layer can be run on
     cached hidden states as `layer(hidden, **kwargs)`.
     """
-    found = _decoder_layers(module)
+    found = find_layer_list(module)
     if found is None:
         raise SlimcError("not a decoder LLM slimc recognises: no model.layers list of decoder layers")
     layers = found[1]

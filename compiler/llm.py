@@ -42,7 +42,8 @@ class DecoderLayerView:
         return self.num_kv_heads * self.group_size
 
 
-def _layers(module: nn.Module) -> tuple[str, nn.ModuleList]:
+def find_layer_list(module: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """(path, ModuleList) of a decoder's layers, or None when the model has no such list."""
     for path in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers"):
         try:
             layers = module.get_submodule(path)
@@ -50,6 +51,13 @@ def _layers(module: nn.Module) -> tuple[str, nn.ModuleList]:
             continue
         if isinstance(layers, nn.ModuleList):
             return path, layers
+    return None
+
+
+def _layers(module: nn.Module) -> tuple[str, nn.ModuleList]:
+    found = find_layer_list(module)
+    if found is not None:
+        return found
     raise SlimcError("not a decoder LLM slimc recognises: no model.layers list of decoder layers")
 
 
