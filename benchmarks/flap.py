@@ -1,4 +1,4 @@
-"""FLAP quality benchmark on SmolLM2-135M-Instruct: prints the table for BENCHMARKS_flap.md.
+"""FLAP quality benchmark on SmolLM2-135M-Instruct: prints the table for BENCHMARKS.md.
 
 Protocol: float32; calibration 128 windows x 128 tokens of the pydoc calibration split, seed 0;
 evaluation = perplexity on 16 non-overlapping 512-token windows from the start of the pydoc

@@ -6,7 +6,7 @@
 Evaluation: `compiler.evaluation.perplexity` on `heldout_tokens` (the second half of the pydoc token
 stream), `--windows` non-overlapping windows of `--eval-seq-len` tokens. Calibration: `--samples`
 windows of `--seq-len` tokens from the first half (never overlapping the evaluation text).
-Prints a markdown table (the one pasted into BENCHMARKS_nm.md).
+Prints a markdown table (the one pasted into BENCHMARKS.md).
 """
 
 from __future__ import annotations

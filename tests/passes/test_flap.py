@@ -294,7 +294,7 @@ def test_flap_20_on_smollm2_keeps_perplexity():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     dense = load("smollm2")
     ev = heldout_tokens(dense.tokenizer)
-    # floors from BENCHMARKS_flap.md (16 x 512 pydoc held-out windows; dense 12.05, reference FLAP 17.08)
+    # floors from BENCHMARKS.md (16 x 512 pydoc held-out windows; dense 12.05, reference FLAP 17.08)
     for recipe, floor in (("flap-20", 18.6), ("flap-lsq-20", 15.3)):  # measured 18.18 and 14.84
         model = dense.clone()
         res = Flap(**load_recipe(recipe).passes[0][1])(model, PassContext())

@@ -103,7 +103,7 @@ def test_sparsegpt_tracks_the_dense_model_better_than_magnitude_on_held_out_text
         err[method] = float((out(model) - ref).norm() / ref.norm())
     # relative logit error, measured: magnitude 0.161, wanda 0.158, sparsegpt 0.124. A random tiny
     # model has no outlier features, so Wanda's edge is small here (the real-model floor is in
-    # BENCHMARKS_nm.md); SparseGPT's reconstruction must show.
+    # BENCHMARKS.md); SparseGPT's reconstruction must show.
     assert err["sparsegpt"] < 0.9 * err["magnitude"]
     assert err["wanda"] < 1.05 * err["magnitude"]
 
