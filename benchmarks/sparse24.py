@@ -20,11 +20,12 @@ Without CUDA it exits with a message; it never falls back to the CPU.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
+
+from slimc.compiler.sparse_linear import cuda_median_ms
 
 DEFAULT_SHAPES = ["576x576", "1536x576", "576x1536", "4096x4096", "11008x4096", "4096x11008", "14336x4096", "28672x8192"]
 DEFAULT_TOKENS = [1, 4, 16, 64]
@@ -41,21 +42,6 @@ def random_24(n: int, k: int, dtype: torch.dtype, device: str = "cuda") -> torch
     idx = torch.rand(n, k // 4, 4, device=device).argsort(-1)[..., :2]
     mask = torch.zeros(n, k // 4, 4, dtype=torch.bool, device=device).scatter_(-1, idx, True).reshape(n, k)
     return (w * mask).to(dtype)
-
-
-def median_ms(fn, repeats: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def graphed(fn):
@@ -78,7 +64,7 @@ def graphed(fn):
 def copy_bandwidth_gbs() -> float:
     src = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), 20)
+    ms = cuda_median_ms(lambda: dst.copy_(src), 20)
     return 2 * src.numel() / ms / 1e6
 
 
@@ -128,21 +114,21 @@ def main() -> int:
             ours_fn = lambda: [torch.ops.slimc.sparse24_linear(x, p.values, p.meta, None) for p in packed]  # noqa: E731
             dense_fn = lambda: [F.linear(x, w) for w in weights]  # noqa: E731
             err_ours = float((torch.ops.slimc.sparse24_linear(x, packed[0].values, packed[0].meta, None).float() - ref).norm() / ref.norm())
-            t_dense = median_ms(dense_fn, args.repeats) / copies
+            t_dense = cuda_median_ms(dense_fn, args.repeats) / copies
             g = graphed(dense_fn)
-            t_dense_g = median_ms(g, args.repeats) / copies if g else float("nan")
-            t_ours = median_ms(ours_fn, args.repeats) / copies
+            t_dense_g = cuda_median_ms(g, args.repeats) / copies if g else float("nan")
+            t_ours = cuda_median_ms(ours_fn, args.repeats) / copies
             g = graphed(ours_fn)
-            t_ours_g = median_ms(g, args.repeats) / copies if g else float("nan")
+            t_ours_g = cuda_median_ms(g, args.repeats) / copies if g else float("nan")
             t_cslt = t_cslt_g = float("nan")
             err_cslt = float("nan")
             if cslt is not None:
                 try:
                     cslt_fn = lambda: [F.linear(x, w) for w in cslt]  # noqa: E731
                     err_cslt = float((F.linear(x, cslt[0]).float() - ref).norm() / ref.norm())
-                    t_cslt = median_ms(cslt_fn, args.repeats) / copies
+                    t_cslt = cuda_median_ms(cslt_fn, args.repeats) / copies
                     g = graphed(cslt_fn)
-                    t_cslt_g = median_ms(g, args.repeats) / copies if g else float("nan")
+                    t_cslt_g = cuda_median_ms(g, args.repeats) / copies if g else float("nan")
                 except Exception as e:  # noqa: BLE001
                     print(f"{shape} m={m}: cuSPARSELt failed ({type(e).__name__}: {e})")
             floor_us = dense_bytes * 9 / 16 / bw / 1e3

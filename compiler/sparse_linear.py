@@ -114,6 +114,22 @@ class SparseLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.n}:{self.m}, bias={self.bias is not None}"
 
 
+def cuda_median_ms(fn, repeats: int, warmup: int = 5) -> float:
+    """Median CUDA-event time of `fn()` in ms, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
 class Dispatcher:
     """Chooses, per (device, dtype, out, in, token bucket), our 2:4 kernel or dense cuBLAS.
 
@@ -159,17 +175,7 @@ class Dispatcher:
         dense = layer.dense_weight()
 
         def time_ms(fn) -> float:
-            for _ in range(3):
-                fn()
-            times = []
-            for _ in range(self.repeats):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b))
-            return statistics.median(times)
+            return cuda_median_ms(fn, self.repeats, warmup=3)
 
         with torch.no_grad():
             k_ms = time_ms(lambda: sparse24_linear(xb, layer.values, layer.metadata, layer.bias))
