@@ -244,13 +244,7 @@ class KwargsAsArgs(nn.Module):
 
 def shared_zoo_rows(fraction: float) -> list[tuple]:
     """Engineer A's zoo (benchmarks/zoo_models.py) through the ONNX front-end: one row per model."""
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("slimc_zoo_models", Path(__file__).with_name("zoo_models.py"))
-    zoo = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = zoo
-    spec.loader.exec_module(zoo)
+    import zoo_models as zoo  # beside this script, so on sys.path when it runs
     rows = []
     for entry in zoo.ZOO:
         if entry.onnx_refusal:

@@ -14,9 +14,7 @@ scale); the pruned model is exported with torch.onnx (dynamo) and run in ONNX Ru
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
-import sys
 import time
 from pathlib import Path
 
@@ -27,16 +25,7 @@ from slimc.compiler.import_torch import import_module
 from slimc.compiler.surgery import apply_plan, mask_plan
 
 
-def _zoo():
-    path = Path(__file__).resolve().parent / "zoo_models.py"
-    spec = importlib.util.spec_from_file_location("slimc_zoo_models", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-Z = _zoo()
+import zoo_models as Z  # noqa: E402  (beside this script, so on sys.path when it runs)
 
 
 def _kwargs(model, inputs):

@@ -408,17 +408,10 @@ def test_analysis_after_surgery_sees_per_layer_widths_and_leaves_the_graph_alone
 
 def test_torch_and_onnx_front_ends_give_the_same_groups(tmp_path):
     """One IR, one analysis: the DenseNet-style zoo net through torch.export and through ONNX."""
-    import importlib.util
-    import sys
-    from pathlib import Path
+    import zoo_models as zoo  # benchmarks/ is on pytest's pythonpath
 
     from slimc.compiler.import_onnx import import_onnx, load_onnx
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "zoo_models.py"
-    spec = importlib.util.spec_from_file_location("slimc_zoo_models_a", path)
-    zoo = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = zoo
-    spec.loader.exec_module(zoo)
     model, inputs = zoo.by_name("densenet-concat").build()
     torch_groups = find_groups(import_module(model, inputs), model)
     torch.onnx.export(model, (), kwargs=inputs, dynamo=True, verbose=False).save(str(tmp_path / "d.onnx"))

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import inspect
 import random
-import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,16 +25,7 @@ from slimc.compiler.import_torch import import_module
 from slimc.compiler.surgery import apply_plan, mask_plan
 
 
-def _load_zoo():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "zoo_models.py"
-    spec = importlib.util.spec_from_file_location("slimc_zoo_models", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-Z = _load_zoo()
+import zoo_models as Z  # noqa: E402  (benchmarks/ is on pytest's pythonpath)
 ZOO = Z.ZOO
 TOL = 1e-5  # relative to the output's max magnitude
 ORT_TOL = 1e-4
