@@ -3,7 +3,9 @@
 Protocol: float32; calibration 128 windows x 128 tokens of the pydoc calibration split, seed 0;
 evaluation = perplexity on 16 non-overlapping 512-token windows from the start of the pydoc
 evaluation split. Rows: dense, a magnitude baseline (same units, uniform per layer, no
-compensation), FLAP as published (WIFV, AL-AM, mean bias) and FLAP with least-squares compensation.
+compensation), FLAP as the shipped recipe flap-<p> runs it where one exists (WIFV with the reference
+code's squared attention scores, AL-AM, mean bias), FLAP with the paper's unsquared attention
+scores (flap-paper), and FLAP with least-squares compensation (flap-lsq, flap-lsq-seq).
 
     python benchmarks/flap.py                     # default rows at 20% and 50%
     python benchmarks/flap.py --sparsity 0.2 0.3 0.5 --variants magnitude flap flap-lsq
@@ -21,14 +23,15 @@ import torch
 from slimc.compiler.evaluation import heldout_tokens, perplexity
 from slimc.compiler.llm import decoder_layers
 from slimc.compiler.model import Model
-from slimc.compiler.pipeline import PassContext
+from slimc.compiler.recipes import load_recipe, shipped_recipes
 from slimc.compiler.calibration import collect_input_stats, open_source
 from slimc.compiler.surgery import apply_plan
 from slimc.passes._compensation import sequential_lsq
 from slimc.passes.flap import FlapConfig, compensate, flap_targets, plan_flap
 
 VARIANTS = {
-    "flap": dict(metric="wifv", structure="AL-AM", compensation="mean"),
+    "flap": dict(metric="wifv", structure="AL-AM", compensation="mean"),  # replaced by recipe flap-<p> where shipped
+    "flap-paper": dict(metric="wifv", structure="AL-AM", compensation="mean", square_attn=False),
     "flap-lsq": dict(metric="wifv", structure="AL-AM", compensation="lsq"),
     "flap-lsq-seq": dict(metric="wifv", structure="AL-AM", compensation="lsq-seq"),
     "flap-ifv": dict(metric="ifv", structure="AL-AM", compensation="mean"),
@@ -50,6 +53,15 @@ def load_smollm2() -> Model:
         m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
         return Model(module=m.eval(), config=m.config, tokenizer=AutoTokenizer.from_pretrained(d, gguf_file=f), source_format="gguf")
     return load("smollm2")
+
+
+def variant_options(name: str, p: float) -> dict:
+    """FlapConfig options of a row: the shipped recipe's for `flap` at a shipped sparsity."""
+    recipe = f"flap-{int(round(p * 100))}"
+    if name == "flap" and recipe in shipped_recipes():
+        opts = dict(load_recipe(recipe).passes[0][1])
+        return {k: v for k, v in opts.items() if k not in ("calibration", "samples", "seq_len", "seed")}
+    return dict(VARIANTS[name], sparsity=p)
 
 
 def magnitude_prune(model: Model, sparsity: float) -> dict:
@@ -81,7 +93,7 @@ def attn_mlp_params(model: Model) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sparsity", type=float, nargs="+", default=[0.2, 0.5])
-    ap.add_argument("--variants", nargs="+", default=["magnitude", "flap", "flap-lsq", "flap-lsq-seq"], choices=["magnitude", *VARIANTS])
+    ap.add_argument("--variants", nargs="+", default=["magnitude", "flap", "flap-paper", "flap-lsq", "flap-lsq-seq"], choices=["magnitude", *VARIANTS])
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--eval-windows", type=int, default=16)
@@ -119,7 +131,7 @@ def main() -> None:
             if name == "magnitude":
                 magnitude_prune(m, p)
             else:
-                cfg = FlapConfig(**VARIANTS[name], sparsity=p, samples=args.samples, seq_len=args.seq_len, seed=0)
+                cfg = FlapConfig(**variant_options(name, p), samples=args.samples, seq_len=args.seq_len, seed=0)
                 fp = plan_flap(m, tokens, cfg, stats)
                 if cfg.compensation == "lsq-seq":
                     sequential_lsq(m.module, decoder_layers(m), fp.plan, tokens, ridge=cfg.lsq_ridge)

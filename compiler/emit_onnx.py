@@ -29,17 +29,23 @@ ONNX_NAME = "model.onnx"
 
 
 class CausalLMLogits(nn.Module):
-    """`input_ids -> logits` without a KV cache: the graph ONNX and torch.export see."""
+    """`input_ids -> logits` without a KV cache: the graph ONNX and torch.export see.
 
-    def __init__(self, module: nn.Module):
+    `logits_to_keep=1` gives a prefill graph: logits of the last position only, so the LM head
+    runs once instead of once per token (what `generate` asks of the first forward)."""
+
+    def __init__(self, module: nn.Module, logits_to_keep: int = 0):
         super().__init__()
         self.lm = module
+        self.logits_to_keep = logits_to_keep
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.logits_to_keep:
+            return self.lm(input_ids=input_ids, use_cache=False, logits_to_keep=self.logits_to_keep).logits
         return self.lm(input_ids=input_ids, use_cache=False).logits
 
 
-def export_spec(model: Model) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, Any], list[dict[str, torch.Tensor]]]:
+def export_spec(model: Model, logits_to_keep: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, Any], list[dict[str, torch.Tensor]]]:
     """(module to export, example kwargs, dynamic shapes, further sample inputs for parity)."""
     if model.module is None:
         raise SlimcError("this model has no PyTorch module to export")
@@ -48,7 +54,7 @@ def export_spec(model: Model) -> tuple[nn.Module, dict[str, torch.Tensor], dict[
         g = torch.Generator().manual_seed(0)
         ids = lambda b, s: {"input_ids": torch.randint(0, vocab, (b, s), generator=g)}  # noqa: E731
         batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("sequence", min=2, max=_max_len(model))
-        return CausalLMLogits(model.module).eval(), ids(2, 8), {"input_ids": {0: batch, 1: seq}}, [ids(1, 13), ids(3, 5)]
+        return CausalLMLogits(model.module, logits_to_keep).eval(), ids(2, 8), {"input_ids": {0: batch, 1: seq}}, [ids(1, 13), ids(3, 5)]
     if not model.example_inputs:
         raise SlimcError("export needs example inputs for a model that is not a causal LM (Model.example_inputs)")
     example = {k: v for k, v in model.example_inputs.items()}
@@ -95,15 +101,17 @@ def quiet():
             lg.setLevel(lv)
 
 
-def write_onnx(model: Model, out_dir: Path) -> Path:
-    """Export to out_dir/model.onnx (weights beside it when over protobuf's 2 GB)."""
+def write_onnx(model: Model, out_dir: Path, logits_to_keep: int = 0) -> Path:
+    """Export to out_dir/model.onnx (weights beside it when over protobuf's 2 GB).
+
+    `logits_to_keep` (causal LMs): 0 = logits for every position; k = only the last k (prefill)."""
     path = out_dir / ONNX_NAME
     if model.is_onnx:
         import onnx_ir
 
         onnx_ir.save(model.onnx, str(path))
         return path
-    module, example, dynamic, _ = export_spec(model)
+    module, example, dynamic, _ = export_spec(model, logits_to_keep)
     try:
         with quiet(), torch.no_grad():
             args, kwargs, shapes, names = positional(module, example, dynamic)

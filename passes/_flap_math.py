@@ -10,8 +10,10 @@ Metrics (score of input channel j; larger = more important):
     wifn  mean_i |W_ij| * sqrt(ms_j)             weighted input feature norm
 
 Units: an attention unit is a KV group (one KV head and its G query heads: G*head_dim o_proj input
-channels); its score is the mean of its channels' standardized scores (not squared, unlike the
-reference code). An MLP unit is one neuron (one down_proj input channel).
+channels); its score is the mean of its channels' standardized scores. The reference code squares
+the attention channel scores before standardizing (the paper does not); the pass does so by
+default (`square_attn`), which is what reproduces the reference's numbers. An MLP unit is one
+neuron (one down_proj input channel).
 
 Compensation for removed input channels R (kept K):
     mean  b = W[:, R] mu_R                       => E[W_K x_K + b] = E[W x] on calibration data
@@ -171,25 +173,49 @@ def module_ratios(attn: list[UnitSet], mlp: list[UnitSet], sparsity: float, attn
     return attn_sparsity, p_mlp
 
 
-def round_keep(mask: torch.Tensor, scores: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Round the number of kept units to the nearest multiple (at least one multiple, at most all)."""
-    if multiple <= 1:
-        return mask
-    n = mask.numel()
+def _top(scores: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
+    """`mask` resized to `count` units: drop its worst kept units or add the best removed ones."""
     k = int(mask.sum())
-    target = min(n, max(multiple, int(round(k / multiple)) * multiple))
-    if target == k:
-        return mask
-    # add the best removed units or drop the worst kept ones, so the rest of the choice stands
     out = mask.clone()
-    if target > k:
+    if count > k:
         cand = (~mask).nonzero().squeeze(1)
-        best = cand[torch.sort(scores[cand], descending=True, stable=True).indices[: target - k]]
-        out[best] = True
-    else:
+        out[cand[torch.sort(scores[cand], descending=True, stable=True).indices[: count - k]]] = True
+    elif count < k:
         cand = mask.nonzero().squeeze(1)
-        worst = cand[torch.sort(scores[cand], stable=True).indices[: k - target]]
-        out[worst] = False
+        out[cand[torch.sort(scores[cand], stable=True).indices[: k - count]]] = False
+    return out
+
+
+def round_keep(masks: list[torch.Tensor], scores: list[torch.Tensor], multiple: int) -> list[torch.Tensor]:
+    """Round every set's kept count to a multiple (at least one multiple, at most all), keeping the total.
+
+    All sets are rounded down first; then the chunks that would round a set up are added back,
+    best mean score first, while the total stays nearest its value before rounding. Within a set
+    the rest of the choice stands: rounding drops its worst kept units or adds its best removed
+    ones. The sets' units must cost the same (e.g. every layer's MLP neurons).
+    """
+    if multiple <= 1:
+        return [m.clone() for m in masks]
+    target = sum(int(m.sum()) for m in masks)
+    lo, hi = [], []
+    for m in masks:
+        n, k = m.numel(), int(m.sum())
+        down = min(n, max(multiple, (k // multiple) * multiple))
+        lo.append(down)
+        hi.append(n if k == n else min(n, down + multiple) if k > down else down)
+    out = [_top(s, m, c) for s, m, c in zip(scores, masks, lo)]
+    # a chunk's merit: the mean score of the units rounding up would add
+    chunks = []
+    for i, (s, m) in enumerate(zip(scores, out)):
+        if hi[i] > lo[i]:
+            added = _top(s, m, hi[i]) & ~m
+            chunks.append((float(s[added].mean()), i))
+    kept = sum(lo)
+    for _, i in sorted(chunks, key=lambda c: -c[0]):
+        step = hi[i] - lo[i]
+        if abs(kept + step - target) < abs(kept - target):
+            out[i] = _top(scores[i], out[i], hi[i])
+            kept += step
     return out
 
 

@@ -2,7 +2,8 @@
 
 One calibration pass of the dense model collects, at the input of every o_proj and down_proj, the
 mean and variance of each channel. Each input channel j gets a score (default WIFV:
-var_j * ||W[:, j]||^2); scores are z-scored per (layer, module); a KV group (one KV head and its G
+var_j * ||W[:, j]||^2; attention channel scores are squared, as in the reference code, unless
+`square_attn: false`); scores are z-scored per (layer, module); a KV group (one KV head and its G
 query heads) scores the mean of its G*head_dim o_proj channels, a neuron its down_proj channel.
 With the default structure (AL-AM) all units of all layers compete in one pool and the
 highest-scoring are kept until the kept parameters are nearest (1 - sparsity) of the decoder's
@@ -46,13 +47,14 @@ class FlapConfig(PassConfig):
     attn_sparsity: float | None = Field(None, ge=0.0, lt=1.0, description="UL-MM/AL-MM: attention's own removal fraction")
     bias_compensation: bool = True
     compensation: Literal["mean", "lsq", "lsq-seq"] = "mean"
+    square_attn: bool = Field(True, description="square the attention channel scores before z-scoring, as the reference code does (false: the paper's formula)")
     lsq_ridge: float = Field(0.01, gt=0.0, description="lsq: ridge, relative to the mean kept-channel variance")
     calibration: str = Field("pydoc", description="calibration text when the context gives none: pydoc, .txt, .jsonl")
     samples: int = Field(128, ge=1)
     seq_len: int = Field(128, ge=2)
     seed: int | None = Field(None, description="window seed; default: the context's seed")
     batch_size: int = Field(8, ge=1)
-    round_neurons_to: int = Field(1, ge=1, description="round each layer's kept MLP width to a multiple of this")
+    round_neurons_to: int = Field(1, ge=1, description="round each layer's kept MLP width to a multiple of this (the total kept stays nearest the target)")
     min_kv_groups: int = Field(1, ge=1, description="KV groups every layer keeps (removing all attention is not supported)")
     min_neurons: int = Field(1, ge=0, description="neurons every layer keeps; 0 allows dropping a whole MLP")
 
@@ -137,7 +139,7 @@ def plan_flap(model: Model, tokens: torch.LongTensor, cfg: "FlapConfig", stats: 
     t_cal = time.perf_counter() - t0
     attn_sets, mlp_sets = unit_sets(module, views, stats, cfg)
     attn_keep, mlp_keep = fm.allocate(attn_sets, mlp_sets, cfg.sparsity, cfg.structure, cfg.attn_sparsity)
-    mlp_keep = [fm.round_keep(k, s.scores, cfg.round_neurons_to) for k, s in zip(mlp_keep, mlp_sets)]
+    mlp_keep = fm.round_keep(mlp_keep, [s.scores for s in mlp_sets], cfg.round_neurons_to)
     total = sum(s.total for s in attn_sets + mlp_sets)
     plan: dict = {}
     comps: list[Compensation] = []
@@ -181,6 +183,8 @@ def unit_sets(
             st = stats[path]
             w = module.get_submodule(path).weight
             ch = fm.channel_scores(cfg.metric, w, st.var, st.sqnorm / st.count)
+            if kind == "attn" and cfg.square_attn:
+                ch = ch * ch
             # z-score per (layer, module) so layers and modules compete on one scale
             scores = fm.unit_scores(fm.standardize(ch), _input_slice(group, f"{path}.weight"))
             cost = group.numel_per_channel(shapes)
