@@ -63,6 +63,9 @@ def save(
                 written["hf"] = write_hf(model, tmp)
             with stage("Re-loading HF checkpoint and comparing logits"):
                 verification["hf"] = verify_hf(model, tmp)
+        if "hf" not in formats and model.tokenizer is not None:
+            # beside model.onnx / model.pt2, so `compress eval OUT` and `slimc.load(OUT)` find it
+            model.tokenizer.save_pretrained(str(tmp))
         if "onnx" in formats:
             with stage("Exporting ONNX"):
                 written["onnx"] = str(write_onnx(model, tmp).name)

@@ -74,8 +74,9 @@ def perplexity(
     try:
         for i in range(0, windows.shape[0], batch_size):
             ids = windows[i : i + batch_size].to(device)
-            out = module(input_ids=ids, use_cache=False)
-            logits = out.logits if hasattr(out, "logits") else out[0]
+            # a .pt2 slimc exported is `input_ids -> logits`, called positionally
+            out = module(ids) if model.source_format == "pt2" else module(input_ids=ids, use_cache=False)
+            logits = out.logits if hasattr(out, "logits") else out if isinstance(out, torch.Tensor) else out[0]
             nll, n = window_nll(logits, ids)
             total, count = total + nll, count + n
     finally:

@@ -1,6 +1,7 @@
 """Loaders: read a model file into a `Model`, never modifying the input.
 
-    load("out/")                      # Hugging Face dir: config.json + safetensors (+ tokenizer)
+    load("out/")                      # Hugging Face dir: config.json + safetensors (+ tokenizer), or
+                                      # a dir slimc exported to one model.onnx / model.pt2 (+ tokenizer)
     load("model.gguf")                # de-quantised to float32 by transformers + gguf
     load("model.pt2")                 # torch.export ExportedProgram -> .module()
     load("model.onnx")                # ONNX (onnx_ir.Model)
@@ -50,11 +51,19 @@ def resolve_alias(path: str | Path) -> Path:
     return Path(path).expanduser()
 
 
+def exported_file(path: Path) -> Path | None:
+    """The one model.onnx / model.pt2 in a directory slimc exported without an HF checkpoint."""
+    found = [path / n for n in ("model.onnx", "model.pt2") if (path / n).is_file()]
+    return found[0] if len(found) == 1 else None
+
+
 def detect_format(path: Path) -> str:
     if path.is_dir():
         if (path / "config.json").is_file():
             return "hf"
-        raise SlimcError(f"{path} is a directory without config.json; expected a Hugging Face checkpoint dir")
+        if exported_file(path) is not None:
+            return detect_format(exported_file(path))
+        raise SlimcError(f"{path} is a directory without config.json (or a single model.onnx / model.pt2); expected a Hugging Face checkpoint dir")
     suffix = path.suffix.lower()
     formats = {".gguf": "gguf", ".pt2": "pt2", ".onnx": "onnx", ".pt": "pt", ".pth": "pt", ".bin": "pt"}
     if suffix in formats:
@@ -73,6 +82,8 @@ def load(path: str | Path, *, trust_pickle: bool = False, config: str | None = N
     if not path.exists():
         raise SlimcError(f"{path}: no such file or directory")
     fmt = detect_format(path)
+    if fmt != "hf" and path.is_dir():
+        path = exported_file(path)
     if fmt == "hf":
         return load_hf_dir(path)
     if fmt == "gguf":
@@ -334,7 +345,7 @@ def load_pt2(path: Path) -> Model:
 
         names = [n for n in inspect.signature(module.forward).parameters]
         example = {**dict(zip(names, args)), **kwargs} if len(names) >= len(args) else None
-    return Model(module=module, source=path, source_format="pt2", example_inputs=example)
+    return Model(module=module, source=path, source_format="pt2", example_inputs=example, tokenizer=_tokenizer(path.parent))
 
 
 def load_onnx_file(path: Path) -> Model:
@@ -342,8 +353,10 @@ def load_onnx_file(path: Path) -> Model:
     if importlib.util.find_spec("slimc.compiler.import_onnx") is not None:
         loaded = importlib.import_module("slimc.compiler.import_onnx").load_onnx(path)
         if isinstance(loaded, Model):
+            if loaded.tokenizer is None:
+                loaded.tokenizer = _tokenizer(path.parent)
             return loaded
-        return Model(onnx=loaded, source=path, source_format="onnx")
+        return Model(onnx=loaded, source=path, source_format="onnx", tokenizer=_tokenizer(path.parent))
     import onnx_ir
 
     try:
@@ -352,7 +365,7 @@ def load_onnx_file(path: Path) -> Model:
         raise SlimcError(f"{path}: not a readable ONNX model ({type(e).__name__}: {_first_line(e)})") from None
     if len(model.graph) == 0 and not model.graph.outputs:
         raise SlimcError(f"{path}: ONNX model has an empty graph")
-    return Model(onnx=model, source=path, source_format="onnx")
+    return Model(onnx=model, source=path, source_format="onnx", tokenizer=_tokenizer(path.parent))
 
 
 def load_pt(path: Path, *, trust_pickle: bool = False, config: str | None = None) -> Model:

@@ -65,3 +65,19 @@ def test_eval_user_errors_exit_2_with_one_line(checkpoint, extra, match):
     res = CliRunner().invoke(app, ["eval", str(checkpoint / "model"), *extra])
     assert res.exit_code == 2
     assert match in res.output and res.output.count("\n") == 1
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_eval_on_an_exported_dir_matches_the_hf_checkpoint(checkpoint, tmp_path, fmt):
+    # `compress export --format onnx|pt2` writes the tokenizer beside the model, and eval (and
+    # slimc.load) read the directory: every checkpoint slimc writes can be evaluated
+    out = tmp_path / fmt
+    res = CliRunner().invoke(app, ["export", str(checkpoint / "model"), "--format", fmt, "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (out / "tokenizer.json").is_file() and (out / f"model.{fmt}").is_file()
+    args = ["--text", str(checkpoint / "text.txt"), "--seq-len", "32", "--max-windows", "3", "--json"]
+    ref = json.loads(CliRunner().invoke(app, ["eval", str(checkpoint / "model"), *args]).output)
+    res = CliRunner().invoke(app, ["eval", str(out), *args])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output)
+    assert got["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-4)
