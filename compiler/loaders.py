@@ -272,6 +272,13 @@ def _tokenizer(path: Path, **kwargs: Any):
         return None
     from transformers import AutoTokenizer
 
+    import logging
+
+    # AutoTokenizer also reads config.json; for a per-layer (slimc_llama) checkpoint transformers then
+    # warns that the model type is not the (empty) one it expected, which says nothing about tokenizers
+    config_log = logging.getLogger("transformers.configuration_utils")
+    level = config_log.level
+    config_log.setLevel(logging.ERROR)
     try:
         # never run code from the checkpoint: a per-layer config's auto_map would otherwise make
         # transformers ask on stdin whether to trust it
@@ -279,6 +286,8 @@ def _tokenizer(path: Path, **kwargs: Any):
     except (OSError, ValueError, KeyError, TypeError) as e:
         warnings.warn(f"{path}: tokenizer not loaded ({_first_line(e)}); continuing without one")
         return None
+    finally:
+        config_log.setLevel(level)
 
 
 def _first_line(e: BaseException) -> str:
