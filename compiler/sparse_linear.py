@@ -13,7 +13,10 @@ empty SparseLinear modules before `load_state_dict`.
 Forward: on CPU (and for every N:M other than 2:4) the reference path multiplies by the dense
 reconstruction, cached until the packed tensors change — bit-identical to the masked nn.Linear.
 On CUDA, 2:4 fp16/bf16 inputs of at most `DECODE_MAX_TOKENS` tokens go to our decode kernel when
-it is built and measured faster than dense cuBLAS for that shape (`Dispatcher`).
+it is built and measured faster than dense cuBLAS for that shape (`Dispatcher`); inputs of at least
+`PREFILL_MIN_TOKENS` tokens likewise consider the prefill kernel (sparse tensor cores; its weight
+layout is converted once, lazily, and cached on the layer). The prefill kernel compiles but has not
+yet run on a GPU: the measured choice is what keeps a slow or absent kernel out of the way.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from .errors import SlimcError
 from .sparse_format import FORMAT_NAME, check_nm, index_bits, is_nm_sparse, pack, unpack
 
 DECODE_MAX_TOKENS = 64
+PREFILL_MIN_TOKENS = 256
 
 
 class SparseLinear(nn.Module):
@@ -59,6 +63,8 @@ class SparseLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         self._dense: torch.Tensor | None = None
         self._dense_key: tuple | None = None
+        self._prefill: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._prefill_key: tuple | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, n: int, m: int, mask: torch.Tensor | None = None) -> "SparseLinear":
@@ -82,6 +88,17 @@ class SparseLinear(nn.Module):
             self._dense_key = key
         return self._dense
 
+    def prefill_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefill kernel's (a_vals, a_meta) (cuda/sparse24_layout.py), cached until values/meta change."""
+        key = (self.values.data_ptr(), self.values._version, self.metadata.data_ptr(), self.metadata._version, self.values.dtype)
+        if self._prefill is None or self._prefill_key != key:
+            from ..cuda.sparse24_layout import to_mma_layout
+
+            with torch.no_grad():
+                self._prefill = to_mma_layout(self.values.detach(), self.metadata, self.in_features)
+            self._prefill_key = key
+        return self._prefill
+
     @property
     def weight(self) -> torch.Tensor:
         """Read-only dense view, for code that inspects `.weight` (shapes, dtype). Not a parameter."""
@@ -98,12 +115,16 @@ class SparseLinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # a device/dtype move invalidates the cached dense weight
         self._dense, self._dense_key = None, None
+        self._prefill, self._prefill_key = None, None
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and self.n == 2 and self.m == 4 and DISPATCHER.use_kernel(self, x):
-            from ..cuda.sparse24_ops import sparse24_linear
+            from ..cuda.sparse24_ops import sparse24_linear, sparse24_prefill_linear
 
+            if x.numel() // max(x.shape[-1], 1) >= PREFILL_MIN_TOKENS:
+                a_vals, a_meta = self.prefill_layout()
+                return sparse24_prefill_linear(x, a_vals, a_meta, self.bias, self.out_features)
             return sparse24_linear(x, self.values, self.metadata, self.bias)
         if torch.compiler.is_compiling() or (self.values.requires_grad and torch.is_grad_enabled()):
             # export / compile traces (fake tensors have no data to cache) and training: no cache
@@ -133,6 +154,9 @@ def cuda_median_ms(fn, repeats: int, warmup: int = 5) -> float:
 class Dispatcher:
     """Chooses, per (device, dtype, out, in, token bucket), our 2:4 kernel or dense cuBLAS.
 
+    Our kernel is the decode kernel up to DECODE_MAX_TOKENS tokens and the prefill kernel from
+    PREFILL_MIN_TOKENS on; token counts in between always take dense cuBLAS.
+
     The first call of a shape times both (CUDA events, median of `repeats` after warm-up) and
     caches the faster; later calls only look the answer up. During CUDA-graph capture nothing
     is timed: an unmeasured shape takes the kernel.
@@ -155,7 +179,12 @@ class Dispatcher:
         from ..cuda import sparse24_ops
 
         tokens = x.numel() // max(x.shape[-1], 1)
-        if tokens > DECODE_MAX_TOKENS or not sparse24_ops.kernel_supports(x, layer.values) or not sparse24_ops.available():
+        if tokens >= PREFILL_MIN_TOKENS:
+            if layer.in_features % 8 or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or layer.values.dtype != x.dtype:
+                return False
+            if torch.cuda.get_device_capability(x.device)[0] < 8 or not sparse24_ops.available():
+                return False
+        elif tokens > DECODE_MAX_TOKENS or not sparse24_ops.kernel_supports(x, layer.values) or not sparse24_ops.available():
             return False
         if self.force is not None:
             return self.force
@@ -169,16 +198,25 @@ class Dispatcher:
         return self.choices[key]
 
     def _measure(self, layer: SparseLinear, x: torch.Tensor, tokens: int) -> tuple[float, float]:
-        from ..cuda.sparse24_ops import sparse24_linear
+        from ..cuda.sparse24_ops import sparse24_linear, sparse24_prefill_linear
 
         xb = torch.randn(tokens, layer.in_features, device=x.device, dtype=x.dtype)
         dense = layer.dense_weight()
+        if tokens >= PREFILL_MIN_TOKENS:
+            a_vals, a_meta = layer.prefill_layout()
+
+            def kernel():
+                return sparse24_prefill_linear(xb, a_vals, a_meta, layer.bias, layer.out_features)
+        else:
+
+            def kernel():
+                return sparse24_linear(xb, layer.values, layer.metadata, layer.bias)
 
         def time_ms(fn) -> float:
             return cuda_median_ms(fn, self.repeats, warmup=3)
 
         with torch.no_grad():
-            k_ms = time_ms(lambda: sparse24_linear(xb, layer.values, layer.metadata, layer.bias))
+            k_ms = time_ms(kernel)
             d_ms = time_ms(lambda: F.linear(xb, dense, layer.bias))
         return k_ms, d_ms
 
