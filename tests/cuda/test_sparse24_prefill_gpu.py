@@ -36,11 +36,11 @@ def ops():
 
 def random_24(n: int, k: int, dtype: torch.dtype, gen: torch.Generator):
     """Random 2:4 weight, packed (values, meta) on the GPU plus its kernel layout (a_vals, a_meta)."""
-    w = torch.randn(n, k, generator=gen)
-    keep = torch.rand(n, k // 4, 4, generator=gen).argsort(-1)[..., :2]
-    mask = torch.zeros(n, k // 4, 4, dtype=torch.bool).scatter_(-1, keep, True).reshape(n, k)
+    w = torch.randn(n, k, generator=gen, device="cuda")  # made on the GPU: the big shapes are slow on CPU
+    keep = torch.rand(n, k // 4, 4, generator=gen, device="cuda").argsort(-1)[..., :2]
+    mask = torch.zeros(n, k // 4, 4, dtype=torch.bool, device="cuda").scatter_(-1, keep, True).reshape(n, k)
     p = pack((w * mask).to(dtype), 2, 4)
-    values, meta = p.values.cuda(), p.meta.cuda()
+    values, meta = p.values, p.meta
     a_vals, a_meta = to_mma_layout(values, meta, k)
     return values, meta, a_vals, a_meta
 
@@ -57,8 +57,8 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def check(ops, n, k, tokens, dtype, with_bias, gen):
     values, meta, a_vals, a_meta = random_24(n, k, dtype, gen)
-    bias = torch.randn(n, generator=gen).to(dtype).cuda() if with_bias else None
-    x = torch.randn(tokens, k, generator=gen).to(dtype).cuda()
+    bias = torch.randn(n, generator=gen, device="cuda").to(dtype) if with_bias else None
+    x = torch.randn(tokens, k, generator=gen, device="cuda").to(dtype)
     out = torch.full((tokens, n), float("nan"), dtype=dtype, device="cuda")
     ops.prefill(x, a_vals, a_meta, n, bias, out)
     torch.cuda.synchronize()
@@ -71,7 +71,7 @@ def check(ops, n, k, tokens, dtype, with_bias, gen):
 @pytest.mark.parametrize("shape", [(128, 64), (16, 32), (100, 40), (576, 1536), (1000, 1000), (50, 2080)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_small_and_ragged_shapes(ops, dtype, shape):
     n, k = shape
-    gen = torch.Generator().manual_seed(n * 7 + k)
+    gen = torch.Generator(device="cuda").manual_seed(n * 7 + k)
     for tokens in [1, 7, 128, 129, 255, 256, 257, 300, 1023]:
         check(ops, n, k, tokens, dtype, tokens % 2 == 1, gen)
 
@@ -81,23 +81,23 @@ def test_small_and_ragged_shapes(ops, dtype, shape):
 @pytest.mark.parametrize("shape", BIG_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_target_shapes(ops, dtype, tokens, shape):
     n, k = shape
-    gen = torch.Generator().manual_seed(n + k + tokens)
+    gen = torch.Generator(device="cuda").manual_seed(n + k + tokens)
     check(ops, n, k, tokens, dtype, True, gen)
     if tokens == 256:
         check(ops, n, k, tokens + 77, dtype, False, gen)  # odd token count, no bias
 
 
 def test_same_inputs_give_identical_outputs(ops):
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator(device="cuda").manual_seed(1)
     _, _, a_vals, a_meta = random_24(4096, 4096, torch.float16, gen)
-    x = torch.randn(1000, 4096, generator=gen).half().cuda()
+    x = torch.randn(1000, 4096, generator=gen, device="cuda").half()
     assert torch.equal(ops.prefill(x, a_vals, a_meta, 4096), ops.prefill(x, a_vals, a_meta, 4096))
 
 
 def test_torch_op_and_batch_dims(ops):
-    gen = torch.Generator().manual_seed(2)
+    gen = torch.Generator(device="cuda").manual_seed(2)
     values, meta, a_vals, a_meta = random_24(256, 512, torch.bfloat16, gen)
-    x = torch.randn(2, 300, 512, generator=gen).bfloat16().cuda()
+    x = torch.randn(2, 300, 512, generator=gen, device="cuda").bfloat16()
     y = torch.ops.slimc.sparse24_prefill_linear(x, a_vals, a_meta, None, 256)
     assert y.shape == (2, 300, 256)
     ref = reference(x.reshape(600, 512), values, meta, None).reshape(2, 300, 256)
@@ -107,14 +107,14 @@ def test_torch_op_and_batch_dims(ops):
 def test_sparse_linear_prefill_kernel_and_dense_paths_agree(ops):
     from slimc.compiler.sparse_linear import DISPATCHER, SparseLinear
 
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator(device="cuda").manual_seed(3)
     values, meta, _, _ = random_24(512, 1024, torch.float16, gen)
     layer = SparseLinear(1024, 512, 2, 4, bias=True, device="cuda", dtype=torch.float16)
     with torch.no_grad():
         layer.values.copy_(values)
         layer.metadata.copy_(meta)
         layer.bias.normal_()
-    x = torch.randn(300, 1024, generator=gen).half().cuda()
+    x = torch.randn(300, 1024, generator=gen, device="cuda").half()
     ref = reference(x, values, meta, layer.bias)
     try:
         DISPATCHER.force = True
