@@ -29,14 +29,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from slimc.compiler.sparse_linear import cuda_median_ms
+from slimc.compiler.sparse_linear import DECODE_MAX_TOKENS, PREFILL_MIN_TOKENS, cuda_median_ms
 
 DEFAULT_SHAPES = ["576x576", "1536x576", "576x1536", "4096x4096", "11008x4096", "4096x11008", "14336x4096", "28672x8192"]
 DEFAULT_TOKENS = [1, 4, 16, 64]
 PREFILL_SHAPES = ["4096x4096", "11008x4096", "4096x11008", "14336x4096", "28672x8192", "8192x28672"]
 PREFILL_TOKENS = [256, 1024, 4096, 16384]
-PREFILL_MIN_TOKENS = 256
-DECODE_MAX_TOKENS = 64
 
 
 def parse_shape(text: str) -> tuple[int, int]:

@@ -16,11 +16,14 @@ On CUDA, 2:4 fp16/bf16 inputs of at most `DECODE_MAX_TOKENS` tokens go to our de
 it is built and measured faster than dense cuBLAS for that shape (`Dispatcher`); inputs of at least
 `PREFILL_MIN_TOKENS` tokens likewise consider the prefill kernel (sparse tensor cores; its weight
 layout is converted once, lazily, and cached on the layer). The prefill kernel compiles but has not
-yet run on a GPU: the measured choice is what keeps a slow or absent kernel out of the way.
+yet run on a GPU, so it is off unless SLIMC_SPARSE24_PREFILL=1 (or `sparse_linear.PREFILL_ENABLED`):
+a fast wrong kernel would pass the timing-only choice. Turn it on by default once
+`pytest -m gpu tests/cuda` has passed on a GPU.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 from typing import Any
 
@@ -33,6 +36,7 @@ from .sparse_format import FORMAT_NAME, check_nm, index_bits, is_nm_sparse, pack
 
 DECODE_MAX_TOKENS = 64
 PREFILL_MIN_TOKENS = 256
+PREFILL_ENABLED = os.environ.get("SLIMC_SPARSE24_PREFILL", "0") == "1"  # never run on a GPU yet
 
 
 class SparseLinear(nn.Module):
@@ -180,6 +184,8 @@ class Dispatcher:
 
         tokens = x.numel() // max(x.shape[-1], 1)
         if tokens >= PREFILL_MIN_TOKENS:
+            if not PREFILL_ENABLED:
+                return False
             if layer.in_features % 8 or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or layer.values.dtype != x.dtype:
                 return False
             if torch.cuda.get_device_capability(x.device)[0] < 8 or not sparse24_ops.available():
