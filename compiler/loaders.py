@@ -51,18 +51,20 @@ def resolve_alias(path: str | Path) -> Path:
     return Path(path).expanduser()
 
 
-def exported_file(path: Path) -> Path | None:
-    """The one model.onnx / model.pt2 in a directory slimc exported without an HF checkpoint."""
-    found = [path / n for n in ("model.onnx", "model.pt2") if (path / n).is_file()]
-    return found[0] if len(found) == 1 else None
+def resolve_export_dir(path: Path) -> Path:
+    """A directory slimc exported without an HF checkpoint (no config.json, one model.onnx or
+    model.pt2) stands for that file; any other path is returned unchanged."""
+    if path.is_dir() and not (path / "config.json").is_file():
+        found = [path / n for n in ("model.onnx", "model.pt2") if (path / n).is_file()]
+        if len(found) == 1:
+            return found[0]
+    return path
 
 
 def detect_format(path: Path) -> str:
     if path.is_dir():
         if (path / "config.json").is_file():
             return "hf"
-        if exported_file(path) is not None:
-            return detect_format(exported_file(path))
         raise SlimcError(f"{path} is a directory without config.json (or a single model.onnx / model.pt2); expected a Hugging Face checkpoint dir")
     suffix = path.suffix.lower()
     formats = {".gguf": "gguf", ".pt2": "pt2", ".onnx": "onnx", ".pt": "pt", ".pth": "pt", ".bin": "pt"}
@@ -81,9 +83,8 @@ def load(path: str | Path, *, trust_pickle: bool = False, config: str | None = N
     path = resolve_alias(path)
     if not path.exists():
         raise SlimcError(f"{path}: no such file or directory")
+    path = resolve_export_dir(path)
     fmt = detect_format(path)
-    if fmt != "hf" and path.is_dir():
-        path = exported_file(path)
     if fmt == "hf":
         return load_hf_dir(path)
     if fmt == "gguf":
