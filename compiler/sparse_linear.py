@@ -184,11 +184,7 @@ class Dispatcher:
 
         tokens = x.numel() // max(x.shape[-1], 1)
         if tokens >= PREFILL_MIN_TOKENS:
-            if not PREFILL_ENABLED:
-                return False
-            if layer.in_features % 8 or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or layer.values.dtype != x.dtype:
-                return False
-            if torch.cuda.get_device_capability(x.device)[0] < 8 or not sparse24_ops.available():
+            if not PREFILL_ENABLED or not sparse24_ops.prefill_supports(x, layer.values) or not sparse24_ops.available():
                 return False
         elif tokens > DECODE_MAX_TOKENS or not sparse24_ops.kernel_supports(x, layer.values) or not sparse24_ops.available():
             return False

@@ -224,17 +224,21 @@ def _sparse24_linear_fake(x: torch.Tensor, values: torch.Tensor, meta: torch.Ten
 # ---- prefill: the sparse-tensor-core kernel (sparse24_prefill.cu), weights in the kernel layout ----
 
 
-def prefill_supports(x: torch.Tensor, a_vals: torch.Tensor) -> bool:
-    """Shapes, dtypes and GPUs the prefill kernel handles (compute capability >= 8.0: mma.sp)."""
+def prefill_supports(x: torch.Tensor, weights: torch.Tensor) -> bool:
+    """Inputs, dtypes and GPUs the prefill kernel handles (compute capability >= 8.0: mma.sp);
+    `weights` is the layer's packed values or their kernel layout (only its dtype is read)."""
     return (
         x.is_cuda
         and x.dtype in (torch.float16, torch.bfloat16)
-        and a_vals.dtype == x.dtype
+        and weights.dtype == x.dtype
         and x.shape[-1] % 8 == 0
-        and a_vals.dim() == 4
-        and 0 <= a_vals.shape[1] * 32 - x.shape[-1] < 64
         and torch.cuda.get_device_capability(x.device)[0] >= 8
     )
+
+
+def _layout_fits(x: torch.Tensor, a_vals: torch.Tensor) -> bool:
+    """a_vals is a kernel layout whose K, padded to 64, covers x's."""
+    return a_vals.dim() == 4 and 0 <= a_vals.shape[1] * 32 - x.shape[-1] < 64
 
 
 def sparse24_prefill_linear_reference(
@@ -261,7 +265,7 @@ def _sparse24_prefill_linear_cuda(
     x: torch.Tensor, a_vals: torch.Tensor, a_meta: torch.Tensor, bias: torch.Tensor | None, out_features: int
 ) -> torch.Tensor:
     ext = extension()
-    if ext is None or not prefill_supports(x, a_vals):
+    if ext is None or not prefill_supports(x, a_vals) or not _layout_fits(x, a_vals):
         return sparse24_prefill_linear_reference(x, a_vals, a_meta, bias, out_features)
     lead = x.shape[:-1]
     y = prefill(x.reshape(-1, x.shape[-1]).contiguous(), a_vals, a_meta, out_features, bias)
