@@ -26,6 +26,7 @@ import torch
 
 from slimc.compiler.calibration import InputStats
 from slimc.compiler.model import Model
+from slimc.compiler.sparse_linear import cuda_median_ms
 from slimc.compiler.surgery import apply_plan
 from slimc.passes.flap import FlapConfig, compensate, flap_targets, plan_flap
 
@@ -77,24 +78,13 @@ def pruned(dense: Model, sparsity: float, stats: dict[str, InputStats]) -> Model
     return m
 
 
-def timer(device: torch.device):
-    def median_ms(fn, repeats: int) -> list[float]:
-        out = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                out.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                out.append((time.perf_counter() - t0) * 1e3)
-        return out
-
-    return median_ms
+def time_ms(fn, device: torch.device) -> float:
+    """One timed call of `fn`: CUDA events on a GPU, wall clock on the CPU."""
+    if device.type == "cuda":
+        return cuda_median_ms(fn, 1, warmup=0)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def runners(module: torch.nn.Module, ids: torch.Tensor) -> dict[str, object]:
@@ -139,13 +129,13 @@ def main() -> None:
         m.module.to(device)  # already in the timing dtype
         for kind, fn in runners(m.module, ids).items():
             runs[(kind, name)] = fn
-    measure = timer(device)
     for fn in runs.values():  # warm-up (kernel selection, allocator)
-        measure(fn, 2)
+        fn()
+        fn()
     times = {k: [] for k in runs}
     for _ in range(args.repeats):
         for k, fn in runs.items():  # interleaved rounds
-            times[k] += measure(fn, 1)
+            times[k].append(time_ms(fn, device))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"\n{args.shape} with random weights, {args.dtype}, {name}, median of {args.repeats}\n")
     print("| step | model | params | median ms | speed-up vs dense |")
