@@ -40,6 +40,22 @@ extern "C" const char* slimc_sparse24_error_string(int code);
 extern "C" int slimc_sparse24_prefill(const void* x, const void* a_vals, const void* a_meta, const void* bias, void* y,
                                       int tokens, int N, int K, int K_pad, int dtype, void* stream);
 
+// Shared by both bindings: the optional bias ([N], x's dtype) and the output ([tokens, N], the
+// caller's buffer when given, so tests can poison it first).
+static const void* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N, const torch::Tensor& x, const char* op) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  TORCH_CHECK(bias->is_cuda() && bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == x.scalar_type(),
+              op, ": bias must be a contiguous [N] CUDA tensor of x's dtype");
+  return bias->data_ptr();
+}
+
+static torch::Tensor output(const c10::optional<torch::Tensor>& out, int64_t tokens, int64_t N, const torch::Tensor& x, const char* op) {
+  if (!out.has_value() || !out->defined()) return torch::empty({tokens, N}, x.options());
+  TORCH_CHECK(out->is_cuda() && out->is_contiguous() && out->scalar_type() == x.scalar_type() && out->dim() == 2 &&
+              out->size(0) == tokens && out->size(1) == N, op, ": out must be a contiguous [tokens, N] tensor of x's dtype");
+  return *out;
+}
+
 torch::Tensor sparse24_decode(torch::Tensor x, torch::Tensor values, torch::Tensor meta,
                               c10::optional<torch::Tensor> bias, int64_t stream, c10::optional<torch::Tensor> out) {
   TORCH_CHECK(x.is_cuda() && values.is_cuda() && meta.is_cuda(), "sparse24_decode: CUDA tensors expected");
@@ -53,20 +69,8 @@ torch::Tensor sparse24_decode(torch::Tensor x, torch::Tensor values, torch::Tens
   TORCH_CHECK(values.size(1) * 2 == K && meta.size(0) == N && meta.size(1) * 8 == K, "sparse24_decode: shapes do not match K");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(values.data_ptr()) % 16 == 0, "sparse24_decode: values must be 16-byte aligned");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(meta.data_ptr()) % 4 == 0, "sparse24_decode: meta must be 4-byte aligned");
-  const void* bptr = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->is_cuda() && bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == x.scalar_type(),
-                "sparse24_decode: bias must be a contiguous [N] CUDA tensor of x's dtype");
-    bptr = bias->data_ptr();
-  }
-  torch::Tensor y;
-  if (out.has_value() && out->defined()) {  // caller's buffer: lets tests poison it first
-    TORCH_CHECK(out->is_cuda() && out->is_contiguous() && out->scalar_type() == x.scalar_type() && out->dim() == 2 &&
-                out->size(0) == tokens && out->size(1) == N, "sparse24_decode: out must be a contiguous [tokens, N] tensor of x's dtype");
-    y = *out;
-  } else {
-    y = torch::empty({tokens, N}, x.options());
-  }
+  const void* bptr = bias_ptr(bias, N, x, "sparse24_decode");
+  torch::Tensor y = output(out, tokens, N, x, "sparse24_decode");
   const long long ws_elems = slimc_sparse24_workspace((int)tokens, (int)N, (int)K);
   torch::Tensor ws;
   if (ws_elems > 0) ws = torch::empty({ws_elems}, x.options().dtype(at::kFloat));
@@ -91,20 +95,8 @@ torch::Tensor sparse24_prefill(torch::Tensor x, torch::Tensor a_vals, torch::Ten
               a_meta.size(2) == 16, "sparse24_prefill: a_vals / a_meta shapes do not match");
   TORCH_CHECK(a_vals.size(0) * 16 >= N && (a_vals.size(0) * 16) % 128 == 0, "sparse24_prefill: a_vals rows must cover N, padded to 128");
   TORCH_CHECK(K_pad % 64 == 0 && K_pad >= K && K_pad - K < 64, "sparse24_prefill: a_vals columns must be K padded to 64");
-  const void* bptr = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->is_cuda() && bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == x.scalar_type(),
-                "sparse24_prefill: bias must be a contiguous [N] CUDA tensor of x's dtype");
-    bptr = bias->data_ptr();
-  }
-  torch::Tensor y;
-  if (out.has_value() && out->defined()) {
-    TORCH_CHECK(out->is_cuda() && out->is_contiguous() && out->scalar_type() == x.scalar_type() && out->dim() == 2 &&
-                out->size(0) == tokens && out->size(1) == N, "sparse24_prefill: out must be a contiguous [tokens, N] tensor of x's dtype");
-    y = *out;
-  } else {
-    y = torch::empty({tokens, N}, x.options());
-  }
+  const void* bptr = bias_ptr(bias, N, x, "sparse24_prefill");
+  torch::Tensor y = output(out, tokens, N, x, "sparse24_prefill");
   const int rc = slimc_sparse24_prefill(x.data_ptr(), a_vals.data_ptr(), a_meta.data_ptr(), bptr, y.data_ptr(), (int)tokens,
                                         (int)N, (int)K, (int)K_pad, x.scalar_type() == at::kHalf ? 0 : 1,
                                         reinterpret_cast<void*>(stream));
