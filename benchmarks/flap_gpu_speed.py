@@ -24,9 +24,9 @@ import time
 
 import torch
 
-from slimc.compiler.calibration import InputStats
+from slimc.compiler.calibration.stats import InputStats
 from slimc.compiler.model import Model
-from slimc.compiler.sparse_linear import cuda_median_ms
+from slimc.runtime.sparse_linear import cuda_median_ms
 from slimc.compiler.surgery import apply_plan
 from slimc.passes.flap import FlapConfig, compensate, flap_targets, plan_flap
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from slimc.compiler.loaders import load
+from slimc.compiler.frontends.loaders import load
 from slimc.compiler.model import Model
-from slimc.compiler.pipeline import PassContext
-from slimc.compiler.recipes import load_recipe
-from slimc.compiler.calibration import open_source
+from slimc.compiler.pipeline.passes import PassContext
+from slimc.compiler.pipeline.recipes import load_recipe
+from slimc.compiler.calibration.sources import open_source
 from slimc.compiler.surgery import apply_plan
 from slimc.passes.flap import Flap, FlapConfig, compensate, plan_flap
 
@@ -47,7 +47,7 @@ def torch_runner(model: Model, ids: torch.Tensor, all_logits: bool):
 def ort_runner(model: Model, ids: torch.Tensor, workdir: Path, threads: int, all_logits: bool):
     import onnxruntime as ort
 
-    from slimc.compiler.emit_onnx import write_onnx
+    from slimc.compiler.emit.onnx_export import write_onnx
 
     workdir.mkdir(parents=True, exist_ok=True)
     path = write_onnx(model, workdir, logits_to_keep=0 if all_logits else 1)

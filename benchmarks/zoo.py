@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from slimc.compiler.analysis import find_groups
-from slimc.compiler.import_torch import import_module
+from slimc.compiler.analysis.coupling import find_groups
+from slimc.compiler.frontends.import_torch import import_module
 from slimc.compiler.surgery import apply_plan, mask_plan
 
 

@@ -1,13 +1,15 @@
 """The `compress` command (also installed as `slimc`).
 
-    compress MODEL --recipe R [-o OUT] [--format hf|onnx|pt2|all] [--calib SOURCE] [--device D]
-             [--seed N] [--set pass.key=value ...] [--trust-pickle] [--config CFG] [--debug]
+    compress MODEL --recipe R [-o OUT] [--format hf|onnx|pt2|all] [--calib SOURCE] [--tokenizer DIR]
+             [--device D] [--dtype float32|bfloat16|float16] [--seed N] [--set pass.key=value ...]
+             [--check-passes] [--trust-pickle] [--config CFG] [--debug]
     compress recipes                      # shipped recipes
     compress inspect MODEL [--json]       # architecture, parameters, FLOPs/token, prunable groups
     compress export MODEL --format onnx   # export alone, with the ONNX Runtime parity check
-    compress eval ...                     # perplexity (engineer D's cli/eval_cmd.py)
+    compress eval ...                     # perplexity (cli/eval_cmd.py)
 
-`compress MODEL ...` is dispatched to the hidden-in-plain-sight `run` subcommand. Errors a user can
+`compress MODEL ...` is dispatched to the `run` subcommand, which calls the public API
+(`slimc.api.load`, `.compress`, `.save`): the command line and Python share one code path. Errors a user can
 cause print `error: <one line>` on stderr and exit with status 2 (a traceback only with --debug).
 """
 
@@ -25,7 +27,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..compiler.errors import SlimcError
+from slimc.cli.common import EXIT_USER_ERROR, err_console, quiet_libraries, user_errors  # noqa: F401
 
 app = typer.Typer(
     name="compress",
@@ -37,32 +39,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 SUBCOMMANDS = ("run", "recipes", "inspect", "export", "eval")
-EXIT_USER_ERROR = 2
-
-err_console = Console(stderr=True, highlight=False)
-
-
-def _quiet_libraries() -> None:
-    """transformers prints progress bars and hints while loading; the CLI shows its own progress."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
-@contextlib.contextmanager
-def user_errors(debug: bool) -> Iterator[None]:
-    """SlimcError -> `error: <one line>` on stderr, exit 2; with --debug the traceback is kept."""
-    try:
-        yield
-    except SlimcError as e:
-        if debug:
-            raise
-        message = " ".join(str(e).split())
-        typer.echo(f"error: {message}", err=True)
-        raise typer.Exit(EXIT_USER_ERROR) from None
-
-
 class Steps:
     """A rich progress display: one line per step, with a spinner and the time it took."""
 
@@ -111,7 +87,7 @@ class Steps:
 
 def default_output(model_arg: str, suffix: str) -> Path:
     """`<input>-<suffix>` beside the input; `./smollm2-<suffix>` for the alias."""
-    from ..compiler.loaders import ALIASES
+    from slimc.compiler.frontends.loaders import ALIASES
 
     if model_arg in ALIASES and not Path(model_arg).exists():
         return Path.cwd() / f"{model_arg}-{suffix}"
@@ -121,27 +97,16 @@ def default_output(model_arg: str, suffix: str) -> Path:
 
 
 def _input_path(model_arg: str) -> Path:
-    from ..compiler.loaders import resolve_alias
+    from slimc.compiler.frontends.loaders import resolve_alias
 
     return resolve_alias(model_arg).resolve()
 
 
-def _device(name: str) -> str:
-    import torch
-
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise SlimcError(f"--device {name}: not a torch device (use cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SlimcError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return str(dev)
-
-
 def _input_info(model: Any, path: Path) -> dict[str, Any]:
-    from ..compiler.report import path_bytes
+    from slimc.compiler.emit.report import model_dtype, path_bytes
 
-    return {"path": str(path), "format": model.source_format, "parameters": model.num_parameters(), "bytes": path_bytes(path)}
+    return {"path": str(path), "format": model.source_format, "parameters": model.num_parameters(),
+            "dtype": model_dtype(model), "bytes": path_bytes(path)}
 
 
 def _summary(report: dict[str, Any], out: Path) -> None:
@@ -166,17 +131,20 @@ def run_command(
     recipe: str = typer.Option(..., "--recipe", "-r", help="shipped recipe name (see `compress recipes`) or a .yaml path"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="output directory [default: <input>-<recipe>]"),
     format: Optional[str] = typer.Option(None, "--format", "-f", help="hf | onnx | pt2 | all [default: hf; onnx for .onnx input, pt2 for .pt2]"),
-    calib: str = typer.Option("pydoc", "--calib", help="calibration text: 'pydoc', a .txt or a .jsonl with a 'text' field"),
-    device: str = typer.Option("cpu", "--device", help="device the passes run on (emission runs on cpu)"),
+    calib: str = typer.Option("pydoc", "--calib", help="calibration: 'pydoc', text (.txt, .jsonl with 'text') or token ids (.pt, .npy, .jsonl with 'input_ids')"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer dir (or cached name) for a model that ships none"),
+    device: str = typer.Option("cpu", "--device", help="device the passes run on: cpu, cuda, cuda:1 (emission runs on cpu)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16: compute and checkpoint dtype [default: as loaded]"),
     seed: int = typer.Option(0, "--seed", help="random seed for calibration sampling"),
     set_: list[str] = typer.Option([], "--set", help="override a recipe option: pass.key=value (repeatable)"),
+    check_passes: bool = typer.Option(False, "--check-passes", help="after every pass, check the model's outputs on a probe input and report their drift"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow loading a pickled nn.Module (runs code from the file)"),
-    config: Optional[str] = typer.Option(None, "--config", help="HF config dir/json for a .pt state dict"),
+    config: Optional[str] = typer.Option(None, "--config", help="HF config dir/json for a .pt state dict (its tokenizer is used too)"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Compress MODEL with a recipe and write a verified checkpoint to OUT."""
     with user_errors(debug):
-        _run(model, recipe, output, format, calib, device, seed, set_, trust_pickle, config)
+        _run(model, recipe, output, format, calib, tokenizer, device, dtype, seed, set_, check_passes, trust_pickle, config)
 
 
 def default_format(model_arg: str) -> str:
@@ -185,46 +153,43 @@ def default_format(model_arg: str) -> str:
     return {".onnx": "onnx", ".pt2": "pt2"}.get(suffix, "hf")
 
 
-def _run(model_arg: str, recipe_arg: str, output: Path | None, format: str | None, calib: str, device: str,
-         seed: int, overrides: list[str], trust_pickle: bool, config: str | None) -> None:
-    import torch
-
-    from ..compiler.atomic import check_output
-    from ..compiler.calibration import open_source
-    from ..compiler.emit import formats_for, save
-    from ..compiler.loaders import load
-    from ..compiler.pipeline import PassContext, PassManager
-    from ..compiler.recipes import load_recipe
-    from ..compiler.report import layer_widths
+def _run(model_arg: str, recipe_arg: str, output: Path | None, format: str | None, calib: str, tokenizer: str | None,
+         device: str, dtype: str | None, seed: int, overrides: list[str], check_passes: bool, trust_pickle: bool,
+         config: str | None) -> None:
+    from slimc import api
+    from slimc.compiler.calibration.sources import open_source
+    from slimc.compiler.emit.atomic import check_output
+    from slimc.compiler.emit.report import layer_widths
+    from slimc.compiler.emit.save import formats_for
+    from slimc.compiler.pipeline.passes import resolve_device, resolve_dtype
+    from slimc.compiler.pipeline.recipes import load_recipe
 
     # everything that can be checked without loading the model is checked first
     recipe = load_recipe(recipe_arg, overrides)
     format = format or default_format(model_arg)
     formats_for(format)
-    source = open_source(calib)  # cheap: the text is read only when a pass asks for windows
-    device = _device(device)
+    open_source(calib)  # cheap: the file is read only when a pass asks for tokens
+    resolve_device(device)
+    resolve_dtype(dtype)
     in_path = _input_path(model_arg)
     out = check_output(output if output is not None else default_output(model_arg, recipe.name), [in_path])
-    _quiet_libraries()
-    torch.manual_seed(seed)
+    quiet_libraries()
     with Steps() as steps:
         with steps.step(f"Loading {model_arg}"):
-            model = load(model_arg, trust_pickle=trust_pickle, config=config)
+            model = api.load(model_arg, trust_pickle=trust_pickle, config=config, tokenizer=tokenizer)
         input_info = _input_info(model, in_path)
         before = layer_widths(model)
-        ctx = PassContext(calibration=source, device=device, seed=seed, instruments=[steps.instrument], progress=steps.progress)
-        if model.module is not None and device != "cpu":
-            model.module.to(device)
-        model = PassManager(recipe.build()).run(model, ctx)
-        report = save(model, out, format=format, protect=[in_path], input_info=input_info,
-                      recipe=recipe.to_dict(), before_layers=before, step=steps.step)
+        model = api.compress(model, recipe, calib=calib, seed=seed, device=device, dtype=dtype,
+                             check_passes=check_passes, instruments=[steps.instrument])
+        report = api.save(model, out, format=format, protect=[in_path], input_info=input_info,
+                          recipe=recipe.to_dict(), before_layers=before, step=steps.step)
     _summary(report, out)
 
 
 @app.command("recipes")
 def recipes_command(debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
     """List the shipped recipes."""
-    from ..compiler.recipes import load_recipe, shipped_recipes
+    from slimc.compiler.pipeline.recipes import load_recipe, shipped_recipes
 
     with user_errors(debug):
         table = Table(title="slimc recipes")
@@ -245,7 +210,7 @@ def llm_summary(model: Any) -> dict[str, Any]:
     """Architecture numbers of a decoder LLM, read from its weights."""
     from torch import nn
 
-    from ..compiler.llm import decoder_layers
+    from slimc.compiler.analysis.llm import decoder_layers
 
     views = decoder_layers(model)
     linear = sum(m.in_features * m.out_features for m in model.module.modules() if isinstance(m, nn.Linear))
@@ -273,8 +238,8 @@ def llm_summary(model: Any) -> dict[str, Any]:
 
 
 def generic_groups(model: Any) -> list[dict[str, Any]] | None:
-    """Groups from engineer A's coupled-dimension analysis on the graph IR (None without example inputs)."""
-    from ..compiler.analysis import model_groups
+    """Groups from the coupled-dimension analysis on the graph IR (None without example inputs)."""
+    from slimc.compiler.analysis.coupling import model_groups
 
     if not model.is_onnx and not model.example_inputs:
         return None  # a torch module without example inputs cannot be traced
@@ -311,11 +276,11 @@ def inspect_command(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Show a model's architecture, size, FLOPs per token and the prunable groups slimc finds."""
-    from ..compiler.loaders import load
-    from ..compiler.report import jsonable
+    from slimc.api import load
+    from slimc.compiler.emit.report import jsonable
 
     with user_errors(debug):
-        _quiet_libraries()
+        quiet_libraries()
         info = jsonable(inspect_model(load(model, trust_pickle=trust_pickle, config=config)))
         if as_json:
             typer.echo(json.dumps(info, indent=2))
@@ -359,16 +324,16 @@ def export_command(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Export MODEL without compressing it (ONNX is checked against PyTorch in ONNX Runtime)."""
-    from ..compiler.atomic import check_output
-    from ..compiler.emit import formats_for, save
-    from ..compiler.loaders import load
-    from ..compiler.report import layer_widths
+    from slimc.compiler.emit.atomic import check_output
+    from slimc.compiler.emit.save import formats_for, save
+    from slimc.api import load
+    from slimc.compiler.emit.report import layer_widths
 
     with user_errors(debug):
         formats_for(format)
         in_path = _input_path(model)
         out = check_output(output if output is not None else default_output(model, format), [in_path])
-        _quiet_libraries()
+        quiet_libraries()
         with Steps() as steps:
             with steps.step(f"Loading {model}"):
                 m = load(model, trust_pickle=trust_pickle, config=config)
@@ -377,8 +342,8 @@ def export_command(
         _summary(report, out)
 
 
-# `compress eval` is engineer D's (cli/eval_cmd.py), registered here so `compress eval ...` dispatches
-from .eval_cmd import eval_command  # noqa: E402 — after `app` exists; eval_cmd imports app lazily
+# `compress eval` lives in cli/eval_cmd.py, registered here so `compress eval ...` dispatches
+from slimc.cli.eval_cmd import eval_command  # noqa: E402 — after `app` exists; eval_cmd imports app lazily
 
 app.command("eval")(eval_command)
 

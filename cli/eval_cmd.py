@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 import typer
 
-from ..compiler.errors import SlimcError
+from slimc.cli.common import quiet_libraries, user_errors
+from slimc.errors import SlimcError
 
 SPLITS = ("pydoc-heldout",)
 
@@ -39,9 +40,10 @@ def evaluate(
     config: str | None = None,
 ) -> dict[str, Any]:
     """Load a model and measure it; the dict the command prints."""
-    from ..compiler.calibration import read_text_file, tokenize_stream
-    from ..compiler.evaluation import eval_windows, heldout_tokens, parameter_counts, perplexity
-    from ..compiler.loaders import load, resolve_alias
+    from slimc.compiler.calibration.sources import read_text_file, tokenize_stream
+    from slimc.compiler.calibration.evaluation import eval_windows, heldout_tokens, parameter_counts, perplexity
+    from slimc.api import load
+    from slimc.compiler.frontends.loaders import resolve_alias
 
     if text is not None and split is not None:
         raise SlimcError("give either --text FILE or --split, not both")
@@ -91,10 +93,8 @@ def eval_command(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Perplexity over non-overlapping windows, parameter counts and file size of MODEL."""
-    from .app import _quiet_libraries, user_errors
-
     with user_errors(debug):
-        _quiet_libraries()
+        quiet_libraries()
         result = evaluate(model, text, split, seq_len, max_windows, trust_pickle, config)
     if as_json:
         typer.echo(json.dumps(result, indent=2))

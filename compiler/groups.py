@@ -102,7 +102,6 @@ def _prod(xs: Sequence[int]) -> int:
     return out
 
 
-Plan = dict  # {Group: sequence of channel indices to remove}
 
 
 def channels(indices: Iterable[int] | torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ class PassRecord:
     modified: bool
     seconds: float
     stats: dict[str, Any] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)  # what instruments measured after the pass
 
 
 @dataclass
@@ -43,6 +44,11 @@ class Model:
     @property
     def is_causal_lm(self) -> bool:
         return self.module is not None and self.config is not None and hasattr(self.module, "lm_head")
+
+    def probe_ids(self, batch: int = 2, seq: int = 16, seed: int = 0) -> torch.Tensor:
+        """Fixed random token ids for checking a language model's outputs (verification, probes)."""
+        vocab = int(getattr(self.config, "vocab_size", 0) or 100)
+        return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
     def num_parameters(self) -> int:
         if self.module is not None:

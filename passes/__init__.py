@@ -1,5 +1,9 @@
-from . import flap
-from . import identity
-from . import magnitude
-from . import nm
-from . import group_magnitude
+"""The shipped passes, one algorithm per module; importing this package registers them all.
+
+Each module defines a `Pass` subclass decorated with `register_pass`; its pure maths lives in a
+private `_<name>_math.py` beside it.
+"""
+
+from slimc.passes import flap, group_magnitude, identity, magnitude, nm
+
+__all__ = ["flap", "group_magnitude", "identity", "magnitude", "nm"]

@@ -11,15 +11,13 @@ memory: the two streams plus one layer's dense down_proj inputs.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from ..compiler.calibration import _StopForward, decoder_inputs, layer_output
-from ..compiler.groups import Group
-from ..compiler.surgery import apply_plan
-from . import _flap_math as fm
+from slimc.compiler.calibration.layerwise import DecoderStream, input_hooks
+from slimc.compiler.groups import Group
+from slimc.compiler.surgery import apply_plan
+from slimc.passes import _flap_math as fm
 
 
 class CrossMoments:
@@ -43,28 +41,6 @@ class CrossMoments:
     def moments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         mx, mz = self.sx / self.n, self.sz / self.n
         return mx, mz, self.sxz / self.n - torch.outer(mx, mz), self.szz / self.n - torch.outer(mz, mz)
-
-
-def _capture(linear: nn.Module, store: list[torch.Tensor], stop: bool) -> Any:
-    def hook(_m: nn.Module, args: tuple) -> None:
-        store.append(args[0].detach())
-        if stop:
-            raise _StopForward
-
-    return linear.register_forward_pre_hook(hook)
-
-
-def _run_until(layer: nn.Module, linear: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """The input of `linear` when `layer` runs on `hidden`; the rest of the layer is skipped."""
-    got: list[torch.Tensor] = []
-    h = _capture(linear, got, stop=True)
-    try:
-        layer(hidden, **kwargs)
-    except _StopForward:
-        pass
-    finally:
-        h.remove()
-    return got[0]
 
 
 def _refit(linear: nn.Linear, moments: CrossMoments, kept: torch.Tensor, ridge: float) -> None:
@@ -98,51 +74,41 @@ def sequential_lsq(
 ) -> None:
     """Prune `module` by `plan` layer by layer, refitting each o_proj and down_proj (see module doc).
 
-    `views` are `compiler.llm.decoder_layers` of the unpruned module; `plan` maps groups to
+    `views` are `compiler.analysis.llm.decoder_layers` of the unpruned module; `plan` maps groups to
     removed units and is matched to the views by group name.
     """
     was_training = module.training
     module.eval()
-    device = next(module.parameters()).device
-    batches = [tokens[i : i + batch_size].to(device) for i in range(0, tokens.shape[0], batch_size)]
-    layers, dense = decoder_inputs(module, batches)
+    dense = DecoderStream.capture(module, tokens, batch_size)
+    pruned = dense.fork()
     by_name = {g.name: (g, idx) for g, idx in plan.items()}
-    pruned = [h for h, _ in dense]
     try:
         for v in views:
-            layer = layers[v.index]
+            i = v.index
             attn = module.get_submodule(v.attn)
             mlp = module.get_submodule(v.mlp)
             (a_group, a_rm), (m_group, m_rm) = by_name[v.kv_group.name], by_name[v.mlp_neuron.name]
             a_kept = _kept_columns(v.kv_group, f"{v.attn}.o_proj.weight", a_rm, attn.o_proj.weight.shape[1])
             m_kept = _kept_columns(v.mlp_neuron, f"{v.mlp}.down_proj.weight", m_rm, mlp.down_proj.weight.shape[1])
             # 1. dense stream through the dense layer: o_proj / down_proj inputs and the next hidden states
-            x_o: list[torch.Tensor] = []
-            x_d: list[torch.Tensor] = []
-            hs = [_capture(attn.o_proj, x_o, False), _capture(mlp.down_proj, x_d, False)]
-            try:
-                nxt = []
-                for hidden, kwargs in dense:
-                    nxt.append((layer_output(layer(hidden, **kwargs)), kwargs))
-            finally:
-                for h in hs:
-                    h.remove()
+            inputs: dict[str, list[torch.Tensor]] = {"o": [], "d": []}
+            names = {f"{v.attn}.o_proj": "o", f"{v.mlp}.down_proj": "d"}
+            with input_hooks(module, list(names), lambda name, x: inputs[names[name]].append(x.detach())):
+                dense_next = dense.run(i)
             # 2. o_proj: fit on the pruned stream's kept attention channels, then drop the KV groups
             cm = CrossMoments()
-            for b, (_, kwargs) in enumerate(dense):
-                cm.add(x_o[b], _run_until(layer, attn.o_proj, pruned[b], kwargs)[..., a_kept])
-            del x_o
+            for b, x in enumerate(inputs.pop("o")):
+                cm.add(x, pruned.run_until(i, attn.o_proj, b)[..., a_kept])
             _refit(attn.o_proj, cm, a_kept, ridge)
             apply_plan(module, {a_group: a_rm})
             # 3. down_proj: same, with the attention already pruned
             cm = CrossMoments()
-            for b, (_, kwargs) in enumerate(dense):
-                cm.add(x_d[b], _run_until(layer, mlp.down_proj, pruned[b], kwargs)[..., m_kept])
-            del x_d
+            for b, x in enumerate(inputs.pop("d")):
+                cm.add(x, pruned.run_until(i, mlp.down_proj, b)[..., m_kept])
             _refit(mlp.down_proj, cm, m_kept, ridge)
             apply_plan(module, {m_group: m_rm})
             # 4. advance both streams
-            pruned = [layer_output(layer(pruned[b], **kwargs)) for b, (_, kwargs) in enumerate(dense)]
-            dense = nxt
+            pruned.advance(i)
+            dense.advance(i, dense_next)
     finally:
         module.train(was_training)

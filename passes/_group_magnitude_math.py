@@ -16,7 +16,7 @@ from typing import Mapping
 
 import torch
 
-from ..compiler.groups import Group
+from slimc.compiler.groups import Group
 
 
 def group_channel_norms(group: Group, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:

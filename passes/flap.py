@@ -29,15 +29,17 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..compiler.calibration import CalibrationSource, InputStats, collect_input_stats, open_source
-from ..compiler.errors import SlimcError
-from ..compiler.groups import Group
-from ..compiler.llm import DecoderLayerView, decoder_layers
-from ..compiler.model import Model
-from ..compiler.pipeline import Pass, PassConfig, PassContext, PassResult, register_pass
-from ..compiler.surgery import apply_plan
-from . import _flap_math as fm
-from ._compensation import sequential_lsq
+from slimc.compiler.calibration.stats import InputStats, collect_input_stats
+from slimc.errors import PostconditionError
+from slimc.compiler.groups import Group
+from slimc.compiler.analysis.llm import DecoderLayerView, decoder_layers
+from slimc.compiler.model import Model
+from slimc.compiler.pipeline.passes import (
+    NEEDS_CALIBRATION, NEEDS_DECODER_LM, Pass, PassConfig, PassContext, PassResult, register_pass,
+)
+from slimc.compiler.surgery import apply_plan
+from slimc.passes import _flap_math as fm
+from slimc.passes._compensation import sequential_lsq
 
 
 class FlapConfig(PassConfig):
@@ -65,15 +67,6 @@ class FlapConfig(PassConfig):
         if self.attn_sparsity is not None and self.structure not in ("UL-MM", "AL-MM"):
             raise ValueError("attn_sparsity only applies to structures UL-MM and AL-MM")
         return self
-
-
-def calibration_tokens(model: Model, ctx: PassContext, spec: str, samples: int, seq_len: int, seed: int | None) -> torch.LongTensor:
-    """Token windows from the context's calibration (a source or ready [n, seq_len] ids) or `spec`."""
-    cal = ctx.calibration
-    if isinstance(cal, torch.Tensor):
-        return cal
-    source: CalibrationSource = cal if cal is not None else open_source(spec)
-    return source.windows(model.tokenizer, samples, seq_len, ctx.seed if seed is None else seed)
 
 
 def add_output_bias(linear: nn.Linear, bias: torch.Tensor) -> None:
@@ -210,16 +203,19 @@ class Flap(Pass):
     description = "FLAP structured pruning of KV groups and MLP neurons with bias compensation"
     Config = FlapConfig
 
+    stage = "structure"
+
+    def needs(self) -> frozenset[str]:
+        return frozenset({NEEDS_DECODER_LM, NEEDS_CALIBRATION})
+
     def requires(self, model: Model, ctx: PassContext) -> None:
-        if model.module is None:
-            raise SlimcError("flap needs a PyTorch decoder LLM (this model was loaded from ONNX)")
-        decoder_layers(model)  # raises SlimcError when the model is not a Llama-style decoder
+        decoder_layers(model)  # raises SlimcError when the layers are not Llama-style
 
     def call(self, model: Model, ctx: PassContext) -> PassResult:
         cfg: FlapConfig = self.config
         if cfg.sparsity == 0.0:
             return PassResult(model, False, {"params_removed": 0, "sparsity": 0.0})
-        tokens = calibration_tokens(model, ctx, cfg.calibration, cfg.samples, cfg.seq_len, cfg.seed)
+        tokens, _ = ctx.calibration_tokens(model, cfg.calibration, cfg.samples, cfg.seq_len, cfg.seed)
         fp = plan_flap(model, tokens, cfg)
         if cfg.compensation == "lsq-seq":
             before = _params_without_output_bias(model.module)
@@ -237,9 +233,9 @@ class Flap(Pass):
             attn = model.module.get_submodule(v.attn)
             mlp = model.module.get_submodule(v.mlp)
             if attn.o_proj.weight.shape[1] != attn.q_proj.weight.shape[0]:
-                raise RuntimeError(f"layer {v.index}: o_proj input {attn.o_proj.weight.shape[1]} != q_proj output {attn.q_proj.weight.shape[0]}")
+                raise PostconditionError(f"layer {v.index}: o_proj input {attn.o_proj.weight.shape[1]} != q_proj output {attn.q_proj.weight.shape[0]}")
             if mlp.down_proj.weight.shape[1] != mlp.up_proj.weight.shape[0]:
-                raise RuntimeError(f"layer {v.index}: down_proj input != up_proj output")
+                raise PostconditionError(f"layer {v.index}: down_proj input != up_proj output")
 
 
 def _params_without_output_bias(module: nn.Module) -> int:

@@ -1,8 +1,8 @@
 """`group-magnitude`: remove the lowest-norm channels of every coupled group, on any model.
 
 Groups come from the coupled-dimension analysis (`compiler.analysis.find_groups`) on the graph
-IR, so the pass runs on ONNX files (`compiler.import_onnx`, surgery by `compiler.surgery_onnx`)
-and on PyTorch models (`compiler.import_torch`, surgery by `compiler.surgery`) alike: an attention
+IR, so the pass runs on ONNX files (`compiler.frontends.import_onnx`) and on PyTorch models
+(`compiler.frontends.import_torch`) alike, with one surgery (`compiler.surgery.apply_plan`): an attention
 KV group, a gated-MLP neuron, a conv channel through residual adds, concats and depthwise convs.
 In each prunable, exact group of `size` channels, floor(sparsity * size) channels with the lowest
 
@@ -24,12 +24,14 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from ..compiler.errors import SlimcError
-from ..compiler.groups import Group
-from ..compiler.model import Model
-from ..compiler.pipeline import Pass, PassConfig, PassContext, PassResult, register_pass
-from ._group_magnitude_math import group_channel_norms
-from ._magnitude_math import lowest, prune_count
+from slimc.errors import SlimcError
+from slimc.compiler.groups import Group
+from slimc.compiler.model import Model
+from slimc.compiler.surgery import apply_plan
+from slimc.compiler.analysis.coupling import model_groups
+from slimc.compiler.pipeline.passes import Pass, PassConfig, PassContext, PassResult, register_pass
+from slimc.passes._group_magnitude_math import group_channel_norms
+from slimc.passes._magnitude_math import lowest, prune_count
 
 
 class GroupMagnitudeConfig(PassConfig):
@@ -54,6 +56,7 @@ class GroupMagnitude(Pass):
     name = "group-magnitude"
     description = "Remove the lowest-norm channels of every coupled group (any model, ONNX or PyTorch; data-free)"
     Config = GroupMagnitudeConfig
+    stage = "structure"
 
     def requires(self, model: Model, ctx: PassContext) -> None:
         if model.onnx is None and model.module is None:
@@ -61,8 +64,6 @@ class GroupMagnitude(Pass):
 
     def call(self, model: Model, ctx: PassContext) -> PassResult:
         cfg: GroupMagnitudeConfig = self.config
-        from ..compiler.analysis import model_groups  # ONNX importer, or torch.export with example inputs
-
         groups, tensors = model_groups(model), model_tensors(model)
         plan: dict[Group, list[int]] = {}
         for g in groups:
@@ -73,14 +74,7 @@ class GroupMagnitude(Pass):
             n = prune_count(g.size, cfg.sparsity, getattr(g, "multiple_of", 1))
             if n:
                 plan[g] = lowest(group_channel_norms(g, tensors), n).tolist()
-        if model.is_onnx:
-            from ..compiler.surgery_onnx import apply_plan_onnx
-
-            stats = apply_plan_onnx(model.onnx, plan) if plan else {"params_removed": 0}
-        else:
-            from ..compiler.surgery import apply_plan
-
-            stats = apply_plan(model.module, plan) if plan else {"params_removed": 0}
+        stats = apply_plan(model, plan)
         eligible = [g for g in groups if g.prunable and g.exact and g.size >= cfg.min_size
                     and (cfg.roles is None or g.role in cfg.roles)]
         stats.update(

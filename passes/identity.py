@@ -9,8 +9,8 @@ Recipe:
 
 from __future__ import annotations
 
-from ..compiler.model import Model
-from ..compiler.pipeline import Pass, PassConfig, PassContext, PassResult, register_pass
+from slimc.compiler.model import Model
+from slimc.compiler.pipeline.passes import Pass, PassConfig, PassContext, PassResult, register_pass
 
 
 class IdentityConfig(PassConfig):

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ..compiler.errors import SlimcError
-from ..compiler.llm import decoder_layers
-from ..compiler.model import Model
-from ..compiler.pipeline import Pass, PassConfig, PassContext, PassResult, register_pass
-from ..compiler.surgery import apply_plan
-from ._magnitude_math import lowest, neuron_norms, prune_count
+from slimc.errors import PostconditionError
+from slimc.compiler.analysis.llm import decoder_layers
+from slimc.compiler.model import Model
+from slimc.compiler.pipeline.passes import NEEDS_DECODER_LM, Pass, PassConfig, PassContext, PassResult, register_pass
+from slimc.compiler.surgery import apply_plan
+from slimc.passes._magnitude_math import lowest, neuron_norms, prune_count
 
 
 class MagnitudeConfig(PassConfig):
@@ -38,9 +38,10 @@ class Magnitude(Pass):
     description = "Remove a uniform fraction of MLP neurons per layer by weight L2 norm (data-free)"
     Config = MagnitudeConfig
 
-    def requires(self, model: Model, ctx: PassContext) -> None:
-        if not model.is_causal_lm:
-            raise SlimcError("magnitude prunes decoder-LLM MLP neurons; this model is not a causal LM")
+    stage = "structure"
+
+    def needs(self) -> frozenset[str]:
+        return frozenset({NEEDS_DECODER_LM})
 
     def call(self, model: Model, ctx: PassContext) -> PassResult:
         cfg: MagnitudeConfig = self.config
@@ -54,11 +55,11 @@ class Magnitude(Pass):
                 scores = neuron_norms(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
                 plan[view.mlp_neuron] = lowest(scores, n).tolist()
         removed = sum(len(v) for v in plan.values())
-        stats = apply_plan(model.module, plan) if plan else {"params_removed": 0}
+        stats = apply_plan(model, plan)
         stats.update(neurons_removed=removed, neurons_before=before, sparsity=removed / before if before else 0.0)
         return PassResult(model, modified=removed > 0, stats=stats)
 
     def ensures(self, model: Model, ctx: PassContext) -> None:
         for view in decoder_layers(model):
             if view.intermediate_size < 1:
-                raise AssertionError(f"layer {view.index} lost every MLP neuron")
+                raise PostconditionError(f"layer {view.index} lost every MLP neuron")

@@ -34,35 +34,17 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..compiler.errors import SlimcError
-from ..compiler.llm import decoder_layers
-from ..compiler.model import Model
-from ..compiler.pipeline import Pass, PassConfig, PassContext, PassResult, register_pass
-from ..compiler.sparse_format import check_nm, is_nm_sparse
-from ..compiler.sparse_linear import SparseLinear, shares_weight, to_sparse
-from ._nm_math import magnitude_scores, nm_mask_from_scores, wanda_scores
-from ._sparsegpt_math import sparsegpt_nm
-
-
-class _StopForward(Exception):
-    pass
-
-
-class _InputSums:
-    """Sum over tokens of x^2 (per input) and, on request, of x x^T, in float64."""
-
-    def __init__(self, gram: bool):
-        self.want_gram = gram
-        self.sqnorm: torch.Tensor | None = None
-        self.gram: torch.Tensor | None = None
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        sq = (x.double() ** 2).sum(0)
-        self.sqnorm = sq if self.sqnorm is None else self.sqnorm + sq
-        if self.want_gram:
-            g = (x.T @ x).double()  # float32 product per batch, float64 across batches
-            self.gram = g if self.gram is None else self.gram + g
+from slimc.errors import PostconditionError, SlimcError
+from slimc.compiler.calibration.layerwise import DecoderStream, decoder_layer_index, input_hooks
+from slimc.compiler.calibration.stats import accumulators, collect_input_stats, feed
+from slimc.compiler.model import Model
+from slimc.compiler.pipeline.passes import (
+    NEEDS_CALIBRATION, NEEDS_DECODER_LM, NEEDS_TORCH, Pass, PassConfig, PassContext, PassResult, register_pass,
+)
+from slimc.runtime.sparse_format import check_nm, is_nm_sparse
+from slimc.runtime.sparse_linear import SparseLinear, shares_weight, to_sparse
+from slimc.passes._nm_math import magnitude_scores, nm_mask_from_scores, wanda_scores
+from slimc.passes._sparsegpt_math import sparsegpt_nm
 
 
 class NMConfig(PassConfig):
@@ -124,21 +106,12 @@ class NM(Pass):
                 out.append(path)
         return out, skipped
 
-    def requires(self, model: Model, ctx: PassContext) -> None:
-        if model.module is None:
-            raise SlimcError("the nm pass works on PyTorch models; this one was loaded from ONNX")
-        if self.config.method != "magnitude" and not model.is_causal_lm:
-            raise SlimcError(f"method '{self.config.method}' needs calibration text, which only causal LMs take; use method: magnitude")
+    stage = "sparsity"
 
-    def _tokens(self, model: Model, ctx: PassContext) -> tuple[torch.Tensor, str]:
-        from ..compiler.calibration import open_source
-
-        cfg: NMConfig = self.config
-        cal = ctx.calibration
-        if isinstance(cal, torch.Tensor):  # ready [n, seq_len] token ids
-            return cal, "tokens"
-        source = cal if cal is not None else open_source(cfg.calibration)
-        return source.windows(model.tokenizer, cfg.samples, cfg.seq_len, ctx.seed if cfg.seed is None else cfg.seed), source.name
+    def needs(self) -> frozenset[str]:
+        if self.config.method == "magnitude":
+            return frozenset({NEEDS_TORCH})
+        return frozenset({NEEDS_DECODER_LM, NEEDS_CALIBRATION})
 
     def _prune(self, lin: nn.Linear, stats: Any) -> int:
         """Apply the N:M choice to one layer in place; `stats` has `sqnorm` / `gram`. Returns weights zeroed."""
@@ -156,8 +129,6 @@ class NM(Pass):
         return zeroed
 
     def _one_shot(self, model: Model, tokens: torch.Tensor, paths: list[str]) -> int:
-        from ..compiler.calibration import collect_input_stats
-
         cfg: NMConfig = self.config
         stats = collect_input_stats(model, tokens, paths, gram=cfg.method == "sparsegpt", batch_size=cfg.batch_size)
         return sum(self._prune(model.module.get_submodule(p), stats[p]) for p in paths)
@@ -166,53 +137,28 @@ class NM(Pass):
         """Decoder layer by layer: calibrate layer i on the outputs of the already-pruned layers before it."""
         cfg: NMConfig = self.config
         module = model.module
-        views = decoder_layers(model)
-        layers = [module.get_submodule(v.prefix) for v in views]
-        by_layer = {v.index: [p for p in paths if p.startswith(v.prefix + ".")] for v in views}
-        inside = {p for ps in by_layer.values() for p in ps}
+        by_layer: dict[int, list[str]] = {}
+        outside = []
+        for p in paths:
+            i = decoder_layer_index(module, p)
+            (outside if i is None else by_layer.setdefault(i, [])).append(p)
         zeroed = 0
-        outside = [p for p in paths if p not in inside]
         if outside:  # e.g. an lm_head not skipped: statistics of the dense model
             zeroed += self._one_shot(model, tokens, outside)
-        last = max((i for i, ps in by_layer.items() if ps), default=-1)
-        if last < 0:
+        if not by_layer:
             return zeroed
-        device = next(module.parameters()).device
-        captured: list[list[Any]] = []
-
-        def catch(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            captured.append([hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}])
-            raise _StopForward
-
-        handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-        try:
-            for i in range(0, tokens.shape[0], cfg.batch_size):
-                try:
-                    module(input_ids=tokens[i : i + cfg.batch_size].to(device), use_cache=False)
-                except _StopForward:
-                    pass
-        finally:
-            handle.remove()
+        last = max(by_layer)
+        stream = DecoderStream.capture(module, tokens, cfg.batch_size)
         for i in range(last + 1):
             names = by_layer.get(i, [])
-            sums = {p: _InputSums(gram=cfg.method == "sparsegpt") for p in names}
-            handles = [
-                module.get_submodule(p).register_forward_pre_hook(lambda _m, a, _p=p: sums[_p].add(a[0])) for p in names
-            ]
-            try:
-                if names:
-                    for hidden, kwargs in captured:
-                        layers[i](hidden, **kwargs)
-            finally:
-                for h in handles:
-                    h.remove()
-            for p in names:
-                zeroed += self._prune(module.get_submodule(p), sums[p])
+            if names:
+                accs = accumulators(names, gram=cfg.method == "sparsegpt")
+                with input_hooks(module, names, feed(accs)):
+                    stream.run(i)
+                for p in names:
+                    zeroed += self._prune(module.get_submodule(p), accs[p].result())
             if i < last:  # this layer's pruned outputs feed the next one
-                for item in captured:
-                    out = layers[i](item[0], **item[1])
-                    item[0] = out[0] if isinstance(out, tuple) else out
+                stream.advance(i)
         return zeroed
 
     @torch.no_grad()
@@ -225,7 +171,7 @@ class NM(Pass):
         if todo and cfg.method == "magnitude":
             zeroed = sum(self._prune(module.get_submodule(p), None) for p in todo)
         elif todo:
-            tokens, calib = self._tokens(model, ctx)
+            tokens, calib = ctx.calibration_tokens(model, cfg.calibration, cfg.samples, cfg.seq_len, cfg.seed)
             n_tokens = int(tokens.numel())
             was_training = module.training
             module.eval()
@@ -261,4 +207,4 @@ class NM(Pass):
         for path in getattr(self, "_done", []):
             w = model.module.get_submodule(path).weight
             if not is_nm_sparse(w, cfg.n, cfg.m):
-                raise AssertionError(f"{path} is not {cfg.n}:{cfg.m} sparse after the nm pass")
+                raise PostconditionError(f"{path} is not {cfg.n}:{cfg.m} sparse after the nm pass")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimc.compiler.sparse_format import pack, unpack
+from slimc.runtime.sparse_format import pack, unpack
 
 pytestmark = [
     pytest.mark.gpu,
@@ -22,7 +22,7 @@ TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 @pytest.fixture(scope="module")
 def ops():
-    from slimc.cuda import sparse24_ops
+    from slimc.runtime import sparse24_ops
 
     if sparse24_ops.extension(verbose=True) is None:
         pytest.fail(f"the sparse24 extension did not build: {sparse24_ops.build_error()}")
@@ -90,7 +90,7 @@ def test_torch_op_and_batch_dims(ops):
 
 
 def test_sparse_linear_on_cuda_kernel_and_dense_paths_agree(ops):
-    from slimc.compiler.sparse_linear import DISPATCHER, SparseLinear
+    from slimc.runtime.sparse_linear import DISPATCHER, SparseLinear
 
     gen = torch.Generator().manual_seed(3)
     values, meta = random_24(512, 1024, torch.float16, gen)
@@ -114,7 +114,7 @@ def test_sparse_linear_on_cuda_kernel_and_dense_paths_agree(ops):
 
 
 def test_unsupported_shapes_fall_back_to_the_reference(ops):
-    from slimc.compiler.sparse_linear import SparseLinear
+    from slimc.runtime.sparse_linear import SparseLinear
 
     gen = torch.Generator().manual_seed(4)
     w = torch.randn(16, 40, generator=gen)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimc.compiler.sparse_format import pack, unpack
-from slimc.cuda.sparse24_layout import to_mma_layout
+from slimc.runtime.sparse_format import pack, unpack
+from slimc.runtime.sparse24_layout import to_mma_layout
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,7 +25,7 @@ BIG_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (28672,
 
 @pytest.fixture(scope="module")
 def ops():
-    from slimc.cuda import sparse24_ops
+    from slimc.runtime import sparse24_ops
 
     if sparse24_ops.extension(verbose=True) is None:
         pytest.fail(f"the sparse24 extension did not build: {sparse24_ops.build_error()}")
@@ -105,10 +105,10 @@ def test_torch_op_and_batch_dims(ops):
 
 
 def test_sparse_linear_prefill_kernel_and_dense_paths_agree(ops, monkeypatch):
-    from slimc.compiler import sparse_linear
-    from slimc.compiler.sparse_linear import DISPATCHER, SparseLinear
+    from slimc.runtime import sparse_linear
+    from slimc.runtime.sparse_linear import DISPATCHER, SparseLinear
 
-    monkeypatch.setattr(sparse_linear, "PREFILL_ENABLED", True)  # opt-in until validated on a GPU
+    monkeypatch.setattr(sparse_linear.DISPATCHER, "prefill_enabled", True)  # opt-in until validated on a GPU
 
     gen = torch.Generator(device="cuda").manual_seed(3)
     values, meta, _, _ = random_24(512, 1024, torch.float16, gen)

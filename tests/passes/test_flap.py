@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from slimc.compiler.errors import SlimcError
-from slimc.compiler.llm import decoder_layers
+from slimc.errors import SlimcError
+from slimc.compiler.analysis.llm import decoder_layers
 from slimc.compiler.model import Model
-from slimc.compiler.pipeline import PassContext
-from slimc.compiler.recipes import load_recipe
+from slimc.compiler.pipeline.passes import PassContext
+from slimc.compiler.pipeline.recipes import load_recipe
 from slimc.compiler.surgery import apply_plan, mask_plan
 from slimc.passes import _flap_math as fm
 from slimc.passes.flap import Flap, FlapConfig, compensate, plan_flap
@@ -267,7 +267,7 @@ def test_floor_and_rounding():
 
 def test_square_attn_squares_attention_channel_scores_only():
     from slimc.passes.flap import unit_sets
-    from slimc.compiler.calibration import collect_input_stats
+    from slimc.compiler.calibration.stats import collect_input_stats
     from slimc.passes.flap import flap_targets
 
     model = tiny_llama()
@@ -322,8 +322,8 @@ def test_model_without_tokenizer_or_calibration_is_a_slimc_error():
 
 @pytest.mark.slow
 def test_flap_20_on_smollm2_keeps_perplexity():
-    from slimc.compiler.evaluation import heldout_tokens, perplexity
-    from slimc.compiler.loaders import load
+    from slimc.compiler.calibration.evaluation import heldout_tokens, perplexity
+    from slimc.compiler.frontends.loaders import load
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     dense = load("smollm2")
@@ -338,12 +338,12 @@ def test_flap_20_on_smollm2_keeps_perplexity():
         assert ppl < floor, (recipe, ppl)
 
 
-# ---- checkpoint round trip (engineer C's emitter and loader) ---------------------------------------
+# ---- checkpoint round trip (HF emitter and loader) ---------------------------------------------------
 
 
 def _roundtrip(model: Model, out) -> None:
-    from slimc.compiler.emit import save
-    from slimc.compiler.loaders import load
+    from slimc.compiler.emit.save import save
+    from slimc.compiler.frontends.loaders import load
 
     save(model, out, format="hf")
     back = load(out)
@@ -364,7 +364,7 @@ def test_per_layer_checkpoint_round_trip(tmp_path):
 
 @pytest.mark.slow
 def test_flap_50_smollm2_round_trip(tmp_path):
-    from slimc.compiler.loaders import load
+    from slimc.compiler.frontends.loaders import load
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     model = load("smollm2")

@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from slimc.compiler.errors import SlimcError
-from slimc.compiler.llm import decoder_layers
+from slimc.errors import SlimcError
+from slimc.compiler.analysis.llm import decoder_layers
 from slimc.compiler.model import Model
-from slimc.compiler.pipeline import PassContext
+from slimc.compiler.pipeline.passes import PassContext
 from slimc.passes._magnitude_math import lowest, neuron_norms, prune_count
 from slimc.passes.identity import Identity
 from slimc.passes.magnitude import Magnitude
@@ -103,7 +103,7 @@ def test_identity_changes_nothing():
 
 
 def test_magnitude_refuses_non_llm():
-    with pytest.raises(SlimcError, match="causal LM"):
+    with pytest.raises(SlimcError, match="needs a decoder language model"):
         Magnitude()(Model(module=torch.nn.Linear(2, 2)), PassContext())
 
 
@@ -122,8 +122,8 @@ def test_quality_floor_on_smollm2():
     that matter (measured at seq 128 x 4 windows: dense 24.1, magnitude-20 104,086, random 20% 208).
     This test pins that behaviour so a change in the scores or the surgery shows up.
     """
-    from slimc.compiler.evaluation import heldout_tokens, perplexity
-    from slimc.compiler.loaders import load
+    from slimc.compiler.calibration.evaluation import heldout_tokens, perplexity
+    from slimc.compiler.frontends.loaders import load
 
     torch.set_num_threads(2)
     model = load("smollm2")

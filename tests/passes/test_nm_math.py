@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimc.passes._nm_math import (
-    is_exact_nm, magnitude_scores, nm_mask_from_scores, reconstruction_error, wanda_scores,
-)
+from slimc.passes._nm_math import is_exact_nm, magnitude_scores, nm_mask_from_scores, reconstruction_error, wanda_scores
 from slimc.passes._sparsegpt_math import sparsegpt_nm
 
 

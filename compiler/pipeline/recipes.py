@@ -1,0 +1,137 @@
+"""Recipes: named, validated pipelines stored as YAML.
+
+    name: flap-50
+    description: FLAP, 50% of decoder attention+MLP parameters
+    version: 1
+    passes:
+      - flap: {sparsity: 0.5}
+
+`load_recipe` takes a shipped name (a file in `recipes/`) or a path; `--set pass.key=value`
+overrides are applied before validation, so a bad value is reported like a bad file. Every pass's
+options are validated by its pydantic config: an unknown key or an out-of-range value is a
+`SlimcError` that lists the valid keys or the range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from slimc.errors import SlimcError
+from slimc.compiler.pipeline.passes import Pass, get_pass
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"  # the package data folder slimc/recipes
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str = ""
+    version: int = 1
+    passes: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def build(self) -> list[Pass]:
+        out = []
+        for pass_name, options in self.passes:
+            cls = get_pass(pass_name)
+            try:
+                out.append(cls(cls.Config(**options)))
+            except ValidationError as e:
+                raise SlimcError(_explain(self.name, pass_name, cls, e)) from None
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "version": self.version,
+            "passes": [{n: dict(o)} for n, o in self.passes],
+        }
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _explain(recipe: str, pass_name: str, cls: type[Pass], err: ValidationError) -> str:
+    fields = cls.Config.model_fields
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or pass_name
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{pass_name}.{loc}' (valid keys: {', '.join(fields) or 'none'})")
+        else:
+            parts.append(f"'{pass_name}.{loc}': {e['msg']}")
+    return f"recipe '{recipe}': " + "; ".join(parts)
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Shipped recipe name -> file; a duplicate name is refused."""
+    out: dict[str, Path] = {}
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        name = yaml.safe_load(path.read_text()).get("name", path.stem)
+        if name in out:
+            raise ValueError(f"recipe name '{name}' appears twice: {out[name]} and {path}")
+        out[name] = path
+    return out
+
+
+def parse_recipe(data: Any, origin: str) -> Recipe:
+    if not isinstance(data, dict):
+        raise SlimcError(f"recipe {origin}: expected a mapping with 'name' and 'passes'")
+    unknown = set(data) - {"name", "description", "version", "passes"}
+    if unknown:
+        raise SlimcError(f"recipe {origin}: unknown key(s) {sorted(unknown)} (valid keys: name, description, version, passes)")
+    passes = []
+    for i, entry in enumerate(data.get("passes") or []):
+        if isinstance(entry, str):
+            entry = {entry: {}}
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise SlimcError(f"recipe {origin}: passes[{i}] must be a pass name or {{name: {{options}}}}")
+        (pname, opts), = entry.items()
+        passes.append((str(pname), dict(opts or {})))
+    return Recipe(
+        name=str(data.get("name", origin)),
+        description=str(data.get("description", "")),
+        version=int(data.get("version", 1)),
+        passes=passes,
+    )
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
+    """`pass.key=value` (value parsed as YAML) sets an option of every pass with that name."""
+    passes = [(n, dict(o)) for n, o in recipe.passes]
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise SlimcError(f"--set expects pass.key=value, got '{item}'")
+        key, value = item.split("=", 1)
+        pname, opt = key.split(".", 1)
+        hits = [o for n, o in passes if n == pname]
+        if not hits:
+            raise SlimcError(f"--set {key}: recipe '{recipe.name}' has no pass '{pname}' (it has: {', '.join(n for n, _ in passes)})")
+        for o in hits:
+            o[opt] = _parse_value(value)
+    return Recipe(recipe.name, recipe.description, recipe.version, passes)
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(name_or_path)
+    shipped = shipped_recipes()
+    if str(name_or_path) in shipped:
+        path = shipped[str(name_or_path)]
+    elif not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        raise SlimcError(f"unknown recipe '{name_or_path}'; shipped recipes: {', '.join(shipped)} (or give a .yaml path)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SlimcError(f"recipe {path}: not valid YAML ({e})") from None
+    recipe = apply_overrides(parse_recipe(data, str(path)), overrides or [])
+    recipe.build()  # validate every pass's options now, not halfway through a run
+    return recipe
