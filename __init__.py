@@ -11,11 +11,11 @@ namespace) -> `passes` -> `compiler` -> `runtime` -> `cuda`.
 
 from slimc._version import __version__
 from slimc.api import compress, load, save
-from slimc.errors import SlimcError
 from slimc.compiler.groups import Group, Role, Slice
 from slimc.compiler.model import Model
 from slimc.compiler.pipeline.passes import Pass, PassContext, PassManager, PassResult, register_pass
 from slimc.compiler.surgery import apply_plan, mask_plan
+from slimc.errors import SlimcError
 
 __all__ = [
     "load", "save", "compress", "SlimcError", "Group", "Role", "Slice", "Model", "Pass", "PassContext", "PassManager",

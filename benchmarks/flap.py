@@ -20,12 +20,12 @@ import time
 
 import torch
 
-from slimc.compiler.calibration.evaluation import heldout_tokens, perplexity
 from slimc.compiler.analysis.llm import decoder_layers
+from slimc.compiler.calibration.evaluation import heldout_tokens, perplexity
+from slimc.compiler.calibration.sources import open_source
+from slimc.compiler.calibration.stats import collect_input_stats
 from slimc.compiler.model import Model
 from slimc.compiler.pipeline.recipes import load_recipe, shipped_recipes
-from slimc.compiler.calibration.stats import collect_input_stats
-from slimc.compiler.calibration.sources import open_source
 from slimc.compiler.surgery import apply_plan
 from slimc.passes._compensation import sequential_lsq
 from slimc.passes.flap import FlapConfig, compensate, flap_targets, plan_flap

@@ -26,9 +26,9 @@ import torch
 
 from slimc.compiler.calibration.stats import InputStats
 from slimc.compiler.model import Model
-from slimc.runtime.sparse_linear import cuda_median_ms
 from slimc.compiler.surgery import apply_plan
 from slimc.passes.flap import FlapConfig, compensate, flap_targets, plan_flap
+from slimc.runtime.sparse_linear import cuda_median_ms
 
 SHAPES = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,

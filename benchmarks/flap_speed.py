@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
+from slimc.compiler.calibration.sources import open_source
 from slimc.compiler.frontends.loaders import load
 from slimc.compiler.model import Model
 from slimc.compiler.pipeline.passes import PassContext
 from slimc.compiler.pipeline.recipes import load_recipe
-from slimc.compiler.calibration.sources import open_source
 from slimc.compiler.surgery import apply_plan
 from slimc.passes.flap import Flap, FlapConfig, compensate, plan_flap
 

@@ -3,7 +3,7 @@
     python benchmarks/nm_quality.py                       # 2:4, all three methods (CPU, several minutes)
     python benchmarks/nm_quality.py --pattern 4:8 --methods wanda sparsegpt
 
-Evaluation: `compiler.evaluation.perplexity` on `heldout_tokens` (the second half of the pydoc token
+Evaluation: `compiler.calibration.evaluation.perplexity` on `heldout_tokens` (the second half of the pydoc token
 stream), `--windows` non-overlapping windows of `--eval-seq-len` tokens. Calibration: `--samples`
 windows of `--seq-len` tokens from the first half (never overlapping the evaluation text).
 Prints a markdown table (the one pasted into BENCHMARKS.md).

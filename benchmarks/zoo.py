@@ -24,7 +24,6 @@ from slimc.compiler.analysis.coupling import find_groups
 from slimc.compiler.frontends.import_torch import import_module
 from slimc.compiler.surgery import apply_plan, mask_plan
 
-
 import zoo_models as Z  # noqa: E402  (beside this script, so on sys.path when it runs)
 
 
@@ -67,8 +66,9 @@ def quarter_plan(groups):
 
 
 def onnx_check(model, inputs) -> str:
-    import onnxruntime as ort
     import tempfile
+
+    import onnxruntime as ort
 
     kw = _kwargs(model, inputs)
     program = torch.onnx.export(model, (), kwargs=kw, dynamo=True, verbose=False)

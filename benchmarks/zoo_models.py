@@ -1,6 +1,6 @@
 """The zoo: tiny random models of every architecture family the analysis must handle.
 
-One definition shared by `tests/compiler/test_surgery_zoo.py` and `benchmarks/zoo.py` (both load
+One definition shared by `tests/compiler/surgery/test_surgery_zoo.py` and `benchmarks/zoo.py` (both load
 this file by path; it is not part of the installed package). Each entry builds a fresh model in
 eval mode with seeded random weights and the example inputs to trace it with. Hugging Face models
 come from `transformers` configs (no hub access); the vision nets are written here.
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 VOCAB, SEQ = 64, 6
 

@@ -160,17 +160,16 @@ def _run(model_arg: str, recipe_arg: str, output: Path | None, format: str | Non
     from slimc.compiler.calibration.sources import open_source
     from slimc.compiler.emit.atomic import check_output
     from slimc.compiler.emit.report import layer_widths
-    from slimc.compiler.emit.save import formats_for
+    from slimc.compiler.emit.save import check_dtype, formats_for
     from slimc.compiler.pipeline.passes import resolve_device, resolve_dtype
     from slimc.compiler.pipeline.recipes import load_recipe
 
     # everything that can be checked without loading the model is checked first
     recipe = load_recipe(recipe_arg, overrides)
     format = format or default_format(model_arg)
-    formats_for(format)
     open_source(calib)  # cheap: the file is read only when a pass asks for tokens
     resolve_device(device)
-    resolve_dtype(dtype)
+    check_dtype(formats_for(format), resolve_dtype(dtype))
     in_path = _input_path(model_arg)
     out = check_output(output if output is not None else default_output(model_arg, recipe.name), [in_path])
     quiet_libraries()
@@ -324,10 +323,10 @@ def export_command(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Export MODEL without compressing it (ONNX is checked against PyTorch in ONNX Runtime)."""
-    from slimc.compiler.emit.atomic import check_output
-    from slimc.compiler.emit.save import formats_for, save
     from slimc.api import load
+    from slimc.compiler.emit.atomic import check_output
     from slimc.compiler.emit.report import layer_widths
+    from slimc.compiler.emit.save import formats_for, save
 
     with user_errors(debug):
         formats_for(format)

@@ -38,11 +38,12 @@ def evaluate(
     max_windows: int | None = None,
     trust_pickle: bool = False,
     config: str | None = None,
+    tokenizer: str | None = None,
 ) -> dict[str, Any]:
     """Load a model and measure it; the dict the command prints."""
-    from slimc.compiler.calibration.sources import read_text_file, tokenize_stream
-    from slimc.compiler.calibration.evaluation import eval_windows, heldout_tokens, parameter_counts, perplexity
     from slimc.api import load
+    from slimc.compiler.calibration.evaluation import eval_windows, heldout_tokens, parameter_counts, perplexity
+    from slimc.compiler.calibration.sources import read_text_file, tokenize_stream
     from slimc.compiler.frontends.loaders import resolve_alias
 
     if text is not None and split is not None:
@@ -52,10 +53,10 @@ def evaluate(
     if text is not None and not text.is_file():
         raise SlimcError(f"text file '{text}' does not exist")
     t0 = time.perf_counter()
-    model = load(model_arg, trust_pickle=trust_pickle, config=config)
+    model = load(model_arg, trust_pickle=trust_pickle, config=config, tokenizer=tokenizer)
     load_s = time.perf_counter() - t0
     if model.tokenizer is None:
-        raise SlimcError(f"{model_arg} has no tokenizer; perplexity needs one (save the tokenizer files beside the model)")
+        raise SlimcError(f"{model_arg} has no tokenizer; perplexity needs one (give --tokenizer DIR, or save the tokenizer files beside the model)")
     if text is not None:
         tokens = tokenize_stream(model.tokenizer, read_text_file(text))
         source = str(text)
@@ -90,12 +91,13 @@ def eval_command(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow loading a pickled nn.Module (runs code from the file)"),
     config: Optional[str] = typer.Option(None, "--config", help="HF config dir/json for a .pt state dict"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer dir for a model that ships none"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Perplexity over non-overlapping windows, parameter counts and file size of MODEL."""
     with user_errors(debug):
         quiet_libraries()
-        result = evaluate(model, text, split, seq_len, max_windows, trust_pickle, config)
+        result = evaluate(model, text, split, seq_len, max_windows, trust_pickle, config, tokenizer)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return

@@ -2,7 +2,7 @@
 
 A model comes from one front-end: a PyTorch `nn.Module` (Hugging Face models keep their
 `config` and `tokenizer`) or an ONNX model (`onnx_ir.Model`). Passes read `module`/`onnx`; the
-graph IR and its groups come from `compiler.analysis.model_graph` / `model_groups`.
+graph IR and its groups come from `compiler.analysis.coupling.model_graph` / `model_groups`.
 `history` records every pass that ran, with its stats and time, for the report.
 """
 
@@ -44,6 +44,28 @@ class Model:
     @property
     def is_causal_lm(self) -> bool:
         return self.module is not None and self.config is not None and hasattr(self.module, "lm_head")
+
+    def place(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        """Move a PyTorch model to `device` and cast its weights to the float `dtype` (None: unchanged).
+
+        Parameters and persistent floating buffers take `dtype`; non-persistent buffers (rotary
+        `inv_freq`) keep theirs, as when transformers loads a checkpoint in that dtype, so a
+        model cast here computes exactly what the same model reloaded from its checkpoint does.
+        """
+        if self.module is None:
+            return
+        if dtype is not None:
+            for mod in self.module.modules():
+                for name, p in mod._parameters.items():
+                    if p is not None and p.is_floating_point():
+                        p.data = p.data.to(dtype)
+                for name, b in mod._buffers.items():
+                    if b is not None and b.is_floating_point() and name not in mod._non_persistent_buffers_set:
+                        mod._buffers[name] = b.to(dtype)
+            if self.config is not None and hasattr(self.config, "dtype"):
+                self.config.dtype = dtype
+        if device is not None:
+            self.module.to(device)
 
     def probe_ids(self, batch: int = 2, seq: int = 16, seed: int = 0) -> torch.Tensor:
         """Fixed random token ids for checking a language model's outputs (verification, probes)."""

@@ -29,15 +29,21 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from slimc.compiler.calibration.stats import InputStats, collect_input_stats
-from slimc.errors import PostconditionError
-from slimc.compiler.groups import Group
 from slimc.compiler.analysis.llm import DecoderLayerView, decoder_layers
+from slimc.compiler.calibration.stats import InputStats, collect_input_stats
+from slimc.compiler.groups import Group
 from slimc.compiler.model import Model
 from slimc.compiler.pipeline.passes import (
-    NEEDS_CALIBRATION, NEEDS_DECODER_LM, Pass, PassConfig, PassContext, PassResult, register_pass,
+    NEEDS_CALIBRATION,
+    NEEDS_DECODER_LM,
+    Pass,
+    PassConfig,
+    PassContext,
+    PassResult,
+    register_pass,
 )
 from slimc.compiler.surgery import apply_plan
+from slimc.errors import PostconditionError
 from slimc.passes import _flap_math as fm
 from slimc.passes._compensation import sequential_lsq
 

@@ -1,6 +1,6 @@
 """`group-magnitude`: remove the lowest-norm channels of every coupled group, on any model.
 
-Groups come from the coupled-dimension analysis (`compiler.analysis.find_groups`) on the graph
+Groups come from the coupled-dimension analysis (`compiler.analysis.coupling.find_groups`) on the graph
 IR, so the pass runs on ONNX files (`compiler.frontends.import_onnx`) and on PyTorch models
 (`compiler.frontends.import_torch`) alike, with one surgery (`compiler.surgery.apply_plan`): an attention
 KV group, a gated-MLP neuron, a conv channel through residual adds, concats and depthwise convs.
@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from slimc.errors import SlimcError
+from slimc.compiler.analysis.coupling import model_groups
 from slimc.compiler.groups import Group
 from slimc.compiler.model import Model
-from slimc.compiler.surgery import apply_plan
-from slimc.compiler.analysis.coupling import model_groups
 from slimc.compiler.pipeline.passes import Pass, PassConfig, PassContext, PassResult, register_pass
+from slimc.compiler.surgery import apply_plan
+from slimc.errors import SlimcError
 from slimc.passes._group_magnitude_math import group_channel_norms
 from slimc.passes._magnitude_math import lowest, prune_count
 

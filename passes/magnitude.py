@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from slimc.errors import PostconditionError
 from slimc.compiler.analysis.llm import decoder_layers
 from slimc.compiler.model import Model
 from slimc.compiler.pipeline.passes import NEEDS_DECODER_LM, Pass, PassConfig, PassContext, PassResult, register_pass
 from slimc.compiler.surgery import apply_plan
+from slimc.errors import PostconditionError
 from slimc.passes._magnitude_math import lowest, neuron_norms, prune_count
 
 

@@ -10,12 +10,12 @@ lm_head) gets an N:M mask along its input axis, chosen by
                 see `_sparsegpt_math.py`.
 
 Calibration statistics (`sqnorm` for Wanda, `gram` for SparseGPT) come from one layer-by-layer
-pass of the dense model (`compiler.calibration.collect_input_stats`) over `samples` windows of
+pass of the dense model (`compiler.calibration.stats.collect_input_stats`) over `samples` windows of
 `seq_len` tokens of the context's calibration source (else `calibration`: the built-in pydoc split).
 With `sequential: true` each decoder layer is instead calibrated on the outputs of the layers before
 it *after* they were pruned (as in the SparseGPT paper), so later layers compensate earlier errors.
 With `format: packed` the masked layers become `SparseLinear` (values + 2-bit positions, see
-`compiler/sparse_format.py`), which checkpoints store compressed; `format: dense` keeps nn.Linear
+`runtime/sparse_format.py`), which checkpoints store compressed; `format: dense` keeps nn.Linear
 with zeros. Layers already N:M sparse are left alone, so a second run changes nothing.
 
 Recipe:
@@ -34,17 +34,24 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from slimc.errors import PostconditionError, SlimcError
 from slimc.compiler.calibration.layerwise import DecoderStream, decoder_layer_index, input_hooks
 from slimc.compiler.calibration.stats import accumulators, collect_input_stats, feed
 from slimc.compiler.model import Model
 from slimc.compiler.pipeline.passes import (
-    NEEDS_CALIBRATION, NEEDS_DECODER_LM, NEEDS_TORCH, Pass, PassConfig, PassContext, PassResult, register_pass,
+    NEEDS_CALIBRATION,
+    NEEDS_DECODER_LM,
+    NEEDS_TORCH,
+    Pass,
+    PassConfig,
+    PassContext,
+    PassResult,
+    register_pass,
 )
-from slimc.runtime.sparse_format import check_nm, is_nm_sparse
-from slimc.runtime.sparse_linear import SparseLinear, shares_weight, to_sparse
+from slimc.errors import PostconditionError, SlimcError
 from slimc.passes._nm_math import magnitude_scores, nm_mask_from_scores, wanda_scores
 from slimc.passes._sparsegpt_math import sparsegpt_nm
+from slimc.runtime.sparse_format import check_nm, is_nm_sparse
+from slimc.runtime.sparse_linear import SparseLinear, shares_weight, to_sparse
 
 
 class NMConfig(PassConfig):

@@ -5,7 +5,7 @@
 
 State (what a checkpoint holds, per layer `<path>`): `<path>.values` [out, in*N/M] in the weight
 dtype (a parameter, frozen by default), `<path>.metadata` [out, in*N/M*B/8] uint8 (a buffer; layout in
-compiler/sparse_format.py; not called `meta`, which fx GraphModules reserve), `<path>.bias`.
+runtime/sparse_format.py; not called `meta`, which fx GraphModules reserve), `<path>.bias`.
 A checkpoint's config.json names the layers: `"slimc_sparsity": {"format": "slimc-nm", "n": 2, "m": 4,
 "layers": [...]}` (`sparse_config`); loaders call `prepare_sparse` to swap those nn.Linear layers for
 empty SparseLinear modules before `load_state_dict`.
@@ -91,7 +91,7 @@ class SparseLinear(nn.Module):
         return self._dense
 
     def prefill_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prefill kernel's (a_vals, a_meta) (cuda/sparse24_layout.py), cached until values/meta change."""
+        """The prefill kernel's (a_vals, a_meta) (runtime/sparse24_layout.py), cached until values/meta change."""
         key = (self.values.data_ptr(), self.values._version, self.metadata.data_ptr(), self.metadata._version, self.values.dtype)
         if self._prefill is None or self._prefill_key != key:
             from slimc.runtime.sparse24_layout import to_mma_layout

@@ -30,11 +30,11 @@ from torch import nn
 
 from slimc.compiler.analysis.channel_atoms import Atom, block, find, leaves, positions
 from slimc.compiler.analysis.dim_rules import DimState, run_rules
-from slimc.compiler.groups import AttrUpdate, Group, Role, Slice
-from slimc.errors import SlimcError
 from slimc.compiler.frontends.import_torch import import_module
+from slimc.compiler.groups import AttrUpdate, Group, Role, Slice
 from slimc.compiler.ir.graph import Graph
 from slimc.compiler.model import Model
+from slimc.errors import SlimcError
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|stages|encoder\.layer)\.(\d+)\.")
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from slimc.errors import SlimcError
 from slimc.compiler.groups import Group, Role, Slice, block_index
 from slimc.compiler.model import Model
+from slimc.errors import SlimcError
 
 
 @dataclass

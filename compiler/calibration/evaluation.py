@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from slimc.compiler.calibration.sources import pydoc_split
-from slimc.errors import SlimcError
 from slimc.compiler.model import Model
+from slimc.errors import SlimcError
 
 
 def heldout_tokens(tokenizer: Any) -> torch.LongTensor:

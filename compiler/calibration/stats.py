@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from slimc.compiler.calibration.layerwise import DecoderStream, decoder_layer_index, input_hooks, token_batches
-from slimc.errors import SlimcError
 from slimc.compiler.model import Model
+from slimc.errors import SlimcError
 
 
 @dataclass

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimc.errors import SlimcError
 from slimc.compiler.analysis.llm import DecoderLayerView, recognised_layers
 from slimc.compiler.model import Model
+from slimc.errors import SlimcError
 from slimc.runtime import modeling_slimc_llama
 from slimc.runtime.sparse_linear import sparse_config
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimc.errors import SlimcError
 from slimc.compiler.model import Model
+from slimc.errors import SlimcError
 
 OPSET = 18
 LLM_ATOL = 1e-3

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from slimc.compiler.emit.onnx_export import _run, export_spec, float64_errors, positional, quiet
-from slimc.errors import SlimcError
 from slimc.compiler.model import Model
+from slimc.errors import SlimcError
 
 PT2_NAME = "model.pt2"
 

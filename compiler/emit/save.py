@@ -12,13 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import torch
+
 from slimc.compiler.emit.atomic import atomic_dir
 from slimc.compiler.emit.hf import verify_hf, write_hf
 from slimc.compiler.emit.onnx_export import verify_onnx, write_onnx
 from slimc.compiler.emit.pt2_export import verify_pt2, write_pt2
-from slimc.errors import SlimcError
-from slimc.compiler.model import Model
 from slimc.compiler.emit.report import build_report, write_report
+from slimc.compiler.model import Model
+from slimc.errors import SlimcError
 
 FORMATS = ("hf", "onnx", "pt2")
 
@@ -31,6 +33,16 @@ def formats_for(format: str) -> list[str]:
     if bad or not names:
         raise SlimcError(f"unknown output format '{format}'; choose hf, onnx, pt2 or all")
     return names
+
+
+def check_dtype(formats: list[str], dtype: torch.dtype | None) -> None:
+    """Refuse a format that cannot be written and verified in `dtype`: ONNX Runtime's CPU provider
+    has no bfloat16 kernels, so a bfloat16 ONNX graph could not be checked against PyTorch."""
+    if "onnx" in formats and dtype == torch.bfloat16:
+        raise SlimcError(
+            "ONNX output in bfloat16 cannot be verified (ONNX Runtime's CPU provider has no bfloat16 kernels); "
+            "use --dtype float16 or float32 for --format onnx (hf and pt2 take bfloat16)"
+        )
 
 
 def save(
@@ -51,6 +63,8 @@ def save(
     import contextlib
 
     formats = formats_for(format)
+    if model.module is not None:
+        check_dtype(formats, next(iter(model.module.parameters()), torch.empty(0)).dtype)
     stage = step or (lambda label: contextlib.nullcontext())
     protect = [*protect, *([model.source] if model.source else [])]
     if model.module is not None:

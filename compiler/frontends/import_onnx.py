@@ -11,10 +11,12 @@ and become attributes, not inputs: they carry no channels. Ops without a dimensi
 A decomposed RMSNorm (Pow 2 -> ReduceMean -> Add eps -> Sqrt -> Reciprocal -> Mul x -> Mul w), as
 the PyTorch exporter writes it, is folded into one `norm` node of kind `rms`.
 
-Lowering (ONNX -> canonical op): MatMul/Gemm with an initializer -> linear (MatMul: w_out_axis 1,
+Lowering (ONNX -> canonical op; the op families and their domains are `compiler.ir.onnx_ops`, which
+the surgery reads too): MatMul/Gemm with an initializer -> linear (MatMul: w_out_axis 1,
 w_in_axis 0; a following Add of a 1-D initializer becomes its bias); MatMul of activations -> matmul;
 Conv/ConvTranspose -> conv; Add/Sub/Mul/Div -> add/sub/mul/div; Where/Max/Min/Equal/... and ORT's
-BiasGelu/FastGelu -> elementwise; Relu/Sigmoid/Cast/Pow/... -> unary; Softmax -> softmax;
+BiasGelu/FastGelu -> elementwise; Relu/Sigmoid/Cast/Pow/... and ORT's Gelu/QuickGelu -> unary;
+Softmax/LogSoftmax -> softmax (with its axis);
 Reduce*/ArgMax/Global*Pool -> reduce; MaxPool/AveragePool/Resize/Pad -> pool (channel axis kept);
 Layer/RMS/Batch/Instance/GroupNormalization and ORT's SkipLayerNormalization -> norm (instance norm is
 kind batch with `instance`: per-channel statistics); Reshape/Squeeze/Unsqueeze/Flatten -> reshape;
@@ -32,42 +34,13 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from slimc.errors import SlimcError
+from slimc.compiler.ir import onnx_ops as ops
 from slimc.compiler.ir.graph import Dim, Graph, Node, Value
+from slimc.errors import SlimcError
 
 MIN_OPSET = 13
 _CONST_MAX = 1024  # initializers up to this many elements also carry their payload in Value.const
 
-_BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div"}
-# broadcasting element-wise ops with several inputs and no canonical name of their own
-_EWISE = {
-    "Where", "Max", "Min", "Mean", "Sum", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual",
-    "And", "Or", "Xor", "Mod", "BitShift", "PRelu",
-}
-_UNARY = {
-    "Relu", "Sigmoid", "Tanh", "Gelu", "Erf", "Exp", "Log", "Neg", "Sqrt", "Reciprocal", "Abs", "Cast",
-    "CastLike", "Identity", "Softplus", "Softsign", "LeakyRelu", "Elu", "Selu", "Celu", "HardSigmoid",
-    "HardSwish", "Mish", "Clip", "Dropout", "IsNaN", "IsInf", "Not", "Sin", "Cos", "Tan", "Floor", "Ceil",
-    "Round", "Sign", "ThresholdedRelu", "Pow", "BitwiseNot", "Trilu", "QuickGelu",
-}
-# ONNX Runtime's fused element-wise ops (com.microsoft) whose second input is a per-channel bias
-_BIAS_ACT = {"FastGelu", "BiasGelu"}
-_SKIP_NORMS = {"SkipLayerNormalization": "layer", "SkipSimplifiedLayerNormalization": "rms"}
-_REDUCE = {
-    "ReduceMean": "mean", "ReduceSum": "sum", "ReduceMax": "max", "ReduceMin": "min", "ReduceProd": "prod",
-    "ReduceL1": "l1", "ReduceL2": "l2", "ReduceSumSquare": "sumsquare", "ReduceLogSum": "logsum",
-    "ReduceLogSumExp": "logsumexp", "ArgMax": "argmax", "ArgMin": "argmin",
-}
-_POOL = {
-    "MaxPool": "max", "AveragePool": "avg", "LpPool": "lp", "GlobalAveragePool": "global_avg",
-    "GlobalMaxPool": "global_max", "Resize": "resize", "Upsample": "resize", "Pad": "pad",
-}
-_NORM = {
-    "LayerNormalization": "layer", "SimplifiedLayerNormalization": "rms", "RMSNormalization": "rms",
-    "BatchNormalization": "batch", "InstanceNormalization": "instance",
-    "GroupNormalization": "group",
-}
-_SHAPE_ONLY = {"Shape", "Size"}
 
 
 def load_onnx(path: str | Path, *, normalize: bool = True) -> ir.Model:
@@ -142,7 +115,7 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     if value.const_value is not None:
         return value.const_value.numpy()
     prod = value.producer()
-    if prod is not None and prod.op_type == "Constant" and prod.domain in ("", "ai.onnx"):
+    if prod is not None and prod.op_type == "Constant" and ops.canonical_domain(prod.domain) == ops.DEFAULT:
         for key in ("value", "value_int", "value_ints", "value_float", "value_floats"):
             attr = prod.attributes.get(key)
             if attr is not None:
@@ -239,18 +212,19 @@ class _Lowering:
 
     def lower(self, n: ir.Node) -> None:  # noqa: C901 — one branch per ONNX op family
         op = n.op_type
+        key = ops.op_key(n.domain, op)
         ins = [self.val(v) for v in n.inputs]
         outs = [self.val(v) for v in n.outputs]
-        if n.domain not in ("", "ai.onnx", "com.microsoft"):
+        if key[0] not in ops.DOMAINS:
             self.emit("opaque", n, ins, outs)
             return
-        if n.domain == "com.microsoft" and op not in _BIAS_ACT and op not in _SKIP_NORMS and op not in ("Gelu", "QuickGelu"):
+        if key[0] == ops.MICROSOFT and key not in ops.MICROSOFT_OPS:
             self.emit("opaque", n, ins, outs)  # fused attention, quantised matmuls, ...: no rule
             return
-        if op in _BIAS_ACT:
+        if key in ops.BIAS_ACTIVATIONS:
             self.emit("elementwise", n, ins, outs[:1], fn=op.lower())
             return
-        if op in _SKIP_NORMS:
+        if key in ops.SKIP_NORMS:
             self.lower_skip_norm(n, ins, outs)
             return
         if op == "Constant":
@@ -258,26 +232,27 @@ class _Lowering:
             for o in outs:
                 o.const = arr if arr is not None and arr.size <= _CONST_MAX else None
             return
-        if op in ("MatMul", "Gemm"):
+        if key in ops.MATMULS:
             self.lower_matmul(n, ins, outs)
-        elif op in ("Conv", "ConvTranspose"):
+        elif key in ops.CONVS:
             self.emit("conv", n, ins, outs, groups=int(_attr(n, "group", 1)), transposed=op == "ConvTranspose",
                       strides=_attr(n, "strides"), pads=_attr(n, "pads"), dilations=_attr(n, "dilations"))
-        elif op in _BINARY:
-            self.emit(_BINARY[op], n, ins, outs)
-        elif op in _EWISE:
+        elif key in ops.ARITHMETIC:
+            self.emit(op.lower(), n, ins, outs)
+        elif key in ops.BROADCAST:
             self.emit("elementwise", n, ins, outs, fn=op.lower())
-        elif op in _UNARY:
+        elif key in ops.UNARY:
             self.emit("unary", n, ins[:1], outs[:1], fn=op.lower())
-        elif op in ("Softmax", "LogSoftmax"):
-            self.emit("softmax", n, ins, outs, axis=_axis(int(_attr(n, "axis", -1)), outs[0]), log=op == "LogSoftmax")
-        elif op in _REDUCE:
+        elif key in ops.SOFTMAX:
+            axis = int(_attr(n, "axis", ops.SOFTMAX_DEFAULT_AXIS))
+            self.emit("softmax", n, ins, outs, axis=_axis(axis, outs[0]), log=op == "LogSoftmax")
+        elif key in ops.REDUCE:
             self.lower_reduce(n, ins, outs)
-        elif op in _POOL:
+        elif key in ops.POOLS:
             self.lower_pool(n, ins, outs)
-        elif op in _NORM and _NORM[op] is not None:
+        elif key in ops.NORMS and key in ops.KINDS:
             self.lower_norm(n, ins, outs)
-        elif op in ("Reshape", "Squeeze", "Unsqueeze", "Flatten"):
+        elif key in ops.RESHAPES:
             self.lower_reshape(n, ins, outs)
         elif op == "Transpose":
             perm = _attr(n, "perm")
@@ -300,9 +275,9 @@ class _Lowering:
                 self.emit("embedding", n, [ins[0], ins[1]], outs)
             else:
                 self.emit("gather", n, ins, outs, axis=axis, axes=[axis])
-        elif op == "Attention" and n.domain in ("", "ai.onnx"):
+        elif op == "Attention" and key[0] == ops.DEFAULT:
             self.lower_attention(n, ins, outs)
-        elif op in _SHAPE_ONLY:
+        elif key in ops.SHAPE_READS:
             # reads sizes only; its 1-D result carries no channel of the input
             self.emit("source", n, [], outs, fn=op.lower(), of=ins[0].name if ins and ins[0] else None)
         else:
@@ -346,7 +321,7 @@ class _Lowering:
 
     def lower_skip_norm(self, n: ir.Node, ins: list, outs: list) -> None:
         """ORT's SkipLayerNormalization: norm(input + skip (+ bias)); output 3 is that sum."""
-        kind = _SKIP_NORMS[n.op_type]
+        kind = ops.KINDS[ops.op_key(n.domain, n.op_type)]
         x, skip = ins[0], ins[1]
         gamma = ins[2] if len(ins) > 2 else None
         beta = ins[3] if kind == "layer" and len(ins) > 3 else None
@@ -395,10 +370,10 @@ class _Lowering:
         if axes is None:  # noop reduce
             self.emit("unary", n, ins[:1], outs, fn="identity")
             return
-        self.emit("reduce", n, ins[:1], outs, fn=_REDUCE[op], axes=axes, keepdim=keep)
+        self.emit("reduce", n, ins[:1], outs, fn=ops.KINDS[ops.op_key(n.domain, op)], axes=axes, keepdim=keep)
 
     def lower_pool(self, n: ir.Node, ins: list, outs: list) -> None:
-        kind = _POOL[n.op_type]
+        kind = ops.KINDS[ops.op_key(n.domain, n.op_type)]
         if kind == "pad":
             pads = _ints(n, 1, "pads")
             axes = _ints(n, 3, "axes")
@@ -419,7 +394,7 @@ class _Lowering:
         self.emit("pool", n, ins[:1], outs[:1], kind=kind)
 
     def lower_norm(self, n: ir.Node, ins: list, outs: list) -> None:
-        kind = _NORM[n.op_type]
+        kind = ops.KINDS[ops.op_key(n.domain, n.op_type)]
         attrs: dict[str, Any] = {"eps": float(_attr(n, "epsilon", 1e-5))}
         if kind == "instance":
             # per-channel statistics and per-channel parameters: the channel rule of batch norm
@@ -510,7 +485,8 @@ def _axis(axis: int, v: Value) -> int:
 
 
 def _source_op(n: ir.Node) -> str:
-    return f"{n.domain or 'onnx'}::{n.op_type}" if n.domain not in ("", "ai.onnx") else f"onnx::{n.op_type}"
+    domain = ops.canonical_domain(n.domain)
+    return f"{domain}::{n.op_type}" if domain != ops.DEFAULT else f"onnx::{n.op_type}"
 
 
 def _resolve_reshape(src: tuple[Dim, ...], target: list[int]) -> list[Dim]:

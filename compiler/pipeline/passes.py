@@ -26,8 +26,8 @@ from pydantic import BaseModel, ConfigDict
 
 from slimc.compiler.analysis.llm import find_layer_list
 from slimc.compiler.calibration.sources import CalibrationSource, calibration_tokens
-from slimc.errors import PipelineError, SlimcError
 from slimc.compiler.model import Model, PassRecord
+from slimc.errors import PipelineError, SlimcError
 
 
 class PassConfig(BaseModel):
@@ -205,6 +205,18 @@ def check_needs(p: Pass, model: Model, ctx: PassContext) -> None:
             )
 
 
+def check_order(passes: list[Pass]) -> None:
+    """Raise SlimcError when a pass of an earlier stage comes after one of a later stage (STAGES)."""
+    last: tuple[int, str] | None = None
+    for p in passes:
+        if p.stage is None:
+            continue
+        rank = STAGES.index(p.stage)
+        if last is not None and rank < last[0]:
+            raise SlimcError(f"pass '{p.name}' ({p.stage}) cannot run after '{last[1]}' ({STAGES[last[0]]}): {STAGE_RULE}")
+        last = (rank, p.name)
+
+
 class PassManager:
     """Runs passes in order, recording each one's stats and time in `model.history`."""
 
@@ -213,32 +225,14 @@ class PassManager:
 
     def check(self, model: Model, ctx: PassContext) -> None:
         """Refuse, before anything runs, passes that cannot work here or come in the wrong order."""
-        last: tuple[int, str] | None = None
+        check_order(self.passes)
         for p in self.passes:
-            if p.stage is not None:
-                rank = STAGES.index(p.stage)
-                if last is not None and rank < last[0]:
-                    raise SlimcError(
-                        f"pass '{p.name}' ({p.stage}) cannot run after '{last[1]}' ({STAGES[last[0]]}): {STAGE_RULE}"
-                    )
-                last = (rank, p.name)
             check_needs(p, model, ctx)
-
-    def place(self, model: Model, ctx: PassContext) -> None:
-        """Move the model to the context's device and dtype."""
-        if model.module is None or (ctx.device is None and ctx.dtype is None):
-            return
-        if ctx.dtype is not None:
-            model.module.to(dtype=ctx.dtype)
-            if model.config is not None and hasattr(model.config, "dtype"):
-                model.config.dtype = ctx.dtype
-        if ctx.device is not None:
-            model.module.to(ctx.device)
 
     def run(self, model: Model, ctx: PassContext | None = None) -> Model:
         ctx = ctx or PassContext()
         self.check(model, ctx)
-        self.place(model, ctx)
+        model.place(ctx.device, ctx.dtype)
         instruments = list(ctx.instruments)
         if ctx.check_passes:
             from slimc.compiler.pipeline.instruments import OutputProbe

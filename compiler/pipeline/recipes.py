@@ -21,8 +21,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from slimc.compiler.pipeline.passes import Pass, check_order, get_pass
 from slimc.errors import SlimcError
-from slimc.compiler.pipeline.passes import Pass, get_pass
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"  # the package data folder slimc/recipes
 
@@ -35,6 +35,7 @@ class Recipe:
     passes: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def build(self) -> list[Pass]:
+        """The recipe's passes, each config validated, in an order the pipeline accepts."""
         out = []
         for pass_name, options in self.passes:
             cls = get_pass(pass_name)
@@ -42,6 +43,10 @@ class Recipe:
                 out.append(cls(cls.Config(**options)))
             except ValidationError as e:
                 raise SlimcError(_explain(self.name, pass_name, cls, e)) from None
+        try:
+            check_order(out)
+        except SlimcError as e:
+            raise SlimcError(f"recipe '{self.name}': {e}") from None
         return out
 
     def to_dict(self) -> dict[str, Any]:

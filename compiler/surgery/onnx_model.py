@@ -8,7 +8,9 @@ value by value (which indices of which axis of each tensor are gone), and every 
 attribute is rewritten from the propagated shapes. A reshape maps removed indices through the
 flattened layout, so pruning whole heads shrinks the head axis and pruning a head-dim slice
 shrinks the inner axis. A plan that is inconsistent with the graph (a residual add whose other
-operand keeps its width, an op with no rule) raises `SlimcError` naming the node.
+operand keeps its width, an op with no rule, indices removed along the axis a Softmax normalises
+over) raises `SlimcError` naming the node. Which ops propagate indices how (element-wise,
+channel-keeping, last-axes norms, softmax, ...) is the shared vocabulary `compiler.ir.onnx_ops`.
 
 `mask_plan_onnx(model, plan)` zeroes the same indices in place. Contract (tested): after
 `mask_plan_onnx`, `apply_plan_onnx` leaves ONNX Runtime's outputs unchanged.
@@ -22,25 +24,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from slimc.errors import SlimcError
-from slimc.compiler.groups import Group
 from slimc.compiler.frontends.import_onnx import const_array, witness_shapes
+from slimc.compiler.groups import Group
+from slimc.compiler.ir import onnx_ops as ops
 from slimc.compiler.surgery.plan import removals
+from slimc.errors import SlimcError
 
 Removed = dict[int, np.ndarray]  # axis -> sorted removed indices (old numbering)
 
-_ELEMENTWISE = {
-    "Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min", "Mean", "Sum", "Equal", "Less", "LessOrEqual",
-    "Greater", "GreaterOrEqual", "And", "Or", "Xor", "Mod", "BitShift", "PRelu", "Relu", "Sigmoid", "Tanh",
-    "Gelu", "Erf", "Exp", "Log", "Neg", "Sqrt", "Reciprocal", "Abs", "Cast", "CastLike", "Identity", "Softplus",
-    "Softsign", "LeakyRelu", "Elu", "Selu", "Celu", "HardSigmoid", "HardSwish", "Mish", "Clip", "Dropout",
-    "IsNaN", "IsInf", "Not", "Sin", "Cos", "Tan", "Floor", "Ceil", "Round", "Sign", "ThresholdedRelu",
-    "BitwiseNot", "Softmax", "LogSoftmax", "Trilu",
-}
-_MS_ELEMENTWISE = {"FastGelu", "BiasGelu", "QuickGelu", "Gelu"}  # com.microsoft, broadcasting like Add
-_CHANNEL_KEEPING = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "Resize", "Upsample",
-                    "Pad", "BatchNormalization", "InstanceNormalization", "LpNormalization"}
-_LAST_AXES_NORMS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"}
 
 
 def _onnx_removals(model: ir.Model, plan: Mapping[Group, Sequence[int]]) -> dict[str, Removed]:
@@ -99,6 +90,7 @@ class _Surgeon:
         self.attr_writes: list[tuple[ir.Node, str, Any]] = []
         self.dyn_writes: list[tuple[ir.Node, int, ir.Node, dict[int, np.ndarray]]] = []
         self.witness = witness_shapes(model)
+        self.opset = model.opset_imports.get(ops.DEFAULT, model.opset_imports.get("ai.onnx", 13))
 
     # -- bookkeeping -------------------------------------------------------------------------
     def get(self, v: ir.Value | None) -> Removed:
@@ -147,32 +139,31 @@ class _Surgeon:
 
     def visit(self, n: ir.Node) -> None:  # noqa: C901 — one branch per op family
         op = n.op_type
-        if n.domain == "com.microsoft" and op in _MS_ELEMENTWISE:
+        key = ops.op_key(n.domain, op)
+        if key == (ops.DEFAULT, "CastLike"):  # the second input only names a type
+            self.elementwise(n, [n.inputs[0]], n.outputs[0])
+        elif key in ops.ELEMENTWISE or key in ops.LAST_AXES_NORMS:
             self.elementwise(n, [v for v in n.inputs if v is not None], n.outputs[0])
-            return
-        if n.domain == "com.microsoft" and op in ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization"):
+        elif key in ops.SKIP_NORMS:
             # norm(input + skip + bias) over the last axis; output 3 is the sum, same layout
             self.elementwise(n, [v for v in n.inputs if v is not None], n.outputs[0])
             if len(n.outputs) > 3 and n.outputs[3] is not None:
                 self.set(n.outputs[3], dict(self.get(n.outputs[0])), n)
-            return
-        if n.domain not in ("", "ai.onnx"):
+        elif key[0] != ops.DEFAULT:
             raise self.fail(n, f"op domain '{n.domain}' has no shape rule in slimc")
-        if op == "CastLike":  # the second input only names a type
-            self.elementwise(n, [n.inputs[0]], n.outputs[0])
-        elif op in _ELEMENTWISE or op in _LAST_AXES_NORMS:
-            self.elementwise(n, [v for v in n.inputs if v is not None], n.outputs[0])
-        elif op in _CHANNEL_KEEPING:
+        elif key in ops.SOFTMAX:
+            self.softmax(n)
+        elif key in ops.CHANNEL_KEEPING:
             self.channel_keeping(n)
         elif op == "MatMul":
             self.matmul(n)
         elif op == "Gemm":
             self.gemm(n)
-        elif op in ("Conv", "ConvTranspose"):
+        elif key in ops.CONVS:
             self.conv(n)
-        elif op == "GroupNormalization":
+        elif key in ops.GROUP_NORMS:
             self.group_norm(n)
-        elif op in ("Reshape", "Squeeze", "Unsqueeze", "Flatten"):
+        elif key in ops.RESHAPES:
             self.reshape(n)
         elif op == "Transpose":
             x = n.inputs[0]
@@ -189,11 +180,11 @@ class _Surgeon:
             self.expand(n)
         elif op == "Gather":
             self.gather(n)
-        elif op.startswith("Reduce") or op in ("ArgMax", "ArgMin"):
+        elif key in ops.REDUCE:
             self.reduce(n)
         elif op == "Attention":
             self.attention(n)
-        elif op in ("Shape", "Size"):
+        elif key in ops.SHAPE_READS:
             pass  # reads sizes at run time: right by construction
         else:
             raise self.fail(n, "no shape rule for this op; the plan must not reach it")
@@ -225,10 +216,22 @@ class _Surgeon:
         r = self.get(x)
         if set(r) - {1}:
             raise self.fail(n, "only the channel axis (1) may shrink through this op")
-        if n.op_type in ("BatchNormalization", "InstanceNormalization"):
+        if ops.op_key(n.domain, n.op_type) in ops.CHANNEL_NORMS:  # scale, bias, running stats: per channel
             self.check_params(n, n.inputs[1:], r.get(1), 0)
         for o in n.outputs[:1]:
             self.set(o, dict(r), n)
+
+    def softmax(self, n: ir.Node) -> None:
+        """Element-wise except along the normalised axis, where any removed entry changes every output."""
+        x = n.inputs[0]
+        r = self.get(x)
+        axis = int(n.attributes["axis"].value) if "axis" in n.attributes else None
+        along = sorted(set(r) & set(ops.softmax_axes(axis, len(self.shape(x, n)), self.opset)))
+        if along:
+            raise self.fail(n, f"the plan removes indices of axis {along[0]} of '{x.name}', the axis this "
+                            f"{n.op_type} normalises over; that changes every remaining output, so those "
+                            "channels cannot be removed")
+        self.set(n.outputs[0], dict(r), n)
 
     def check_params(self, n: ir.Node, params: Sequence[ir.Value | None], idx: np.ndarray | None, axis: int) -> None:
         for p in params:

@@ -7,8 +7,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from slimc.errors import SlimcError
 from slimc.compiler.groups import Group, channels
+from slimc.errors import SlimcError
 
 
 def removals(plan: Mapping[Group, Sequence[int]]) -> dict[str, dict[int, torch.Tensor]]:

@@ -18,9 +18,9 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from slimc.errors import SlimcError
 from slimc.compiler.groups import Group, channels
 from slimc.compiler.surgery.plan import removals
+from slimc.errors import SlimcError
 
 
 def _owners(module: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:

@@ -2,7 +2,6 @@
 
 import json
 import os
-import pickle
 from pathlib import Path
 
 import pytest
@@ -11,10 +10,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 import slimc
-from slimc.cli.app import app, dispatch, default_output
+from slimc.cli.app import app, default_output, dispatch
 from slimc.compiler.analysis.llm import decoder_layers
-from slimc.compiler.pipeline.recipes import load_recipe
 from slimc.compiler.frontends.loaders import load
+from slimc.compiler.pipeline.recipes import load_recipe
 from slimc.compiler.surgery import apply_plan
 
 ATOL = 1e-4  # fp32 reload tolerance on logits

@@ -3,7 +3,7 @@
 Written before the kernel ever ran on a GPU. Each check poisons the output with NaN before the run
 (an element the kernel never writes fails), and compares ||y - ref|| / ||ref|| with the fp64
 product: < 1e-2 for bf16, < 2e-3 for fp16. If every shape fails with errors near 1, suspect the
-metadata lane/bit assignment in cuda/sparse24_layout.py first (see its docstring).
+metadata lane/bit assignment in runtime/sparse24_layout.py first (see its docstring).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimc.runtime.sparse_format import pack, unpack
 from slimc.runtime.sparse24_layout import to_mma_layout
+from slimc.runtime.sparse_format import pack, unpack
 
 pytestmark = [
     pytest.mark.gpu,

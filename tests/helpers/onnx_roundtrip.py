@@ -1,6 +1,6 @@
 """The ONNX front-end's exactness check: export, import, group, mask, run ORT, remove, run ORT.
 
-    case = onnx_roundtrip_case(module, (x,), tmp_path)     # groups from compiler.analysis.find_groups
+    case = onnx_roundtrip_case(module, (x,), tmp_path)     # groups from compiler.analysis.coupling.find_groups
     case.exact, case.max_diff, case.groups, case.prunable
 
 `onnx_roundtrip_case` is what tests and the zoo benchmark use to answer "does the ONNX front-end
@@ -21,10 +21,10 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from slimc.errors import SlimcError
-from slimc.compiler.groups import Group
 from slimc.compiler.frontends.import_onnx import import_onnx, load_onnx
+from slimc.compiler.groups import Group
 from slimc.compiler.surgery.onnx_model import apply_plan_onnx, mask_plan_onnx
+from slimc.errors import SlimcError
 
 
 def export_onnx(module: nn.Module, example_inputs: tuple, path: str | Path, *, opset: int = 18,

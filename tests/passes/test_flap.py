@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from slimc.errors import SlimcError
 from slimc.compiler.analysis.llm import decoder_layers
 from slimc.compiler.model import Model
 from slimc.compiler.pipeline.passes import PassContext
 from slimc.compiler.pipeline.recipes import load_recipe
 from slimc.compiler.surgery import apply_plan, mask_plan
+from slimc.errors import SlimcError
 from slimc.passes import _flap_math as fm
 from slimc.passes.flap import Flap, FlapConfig, compensate, plan_flap
 
@@ -266,9 +266,8 @@ def test_floor_and_rounding():
 
 
 def test_square_attn_squares_attention_channel_scores_only():
-    from slimc.passes.flap import unit_sets
     from slimc.compiler.calibration.stats import collect_input_stats
-    from slimc.passes.flap import flap_targets
+    from slimc.passes.flap import flap_targets, unit_sets
 
     model = tiny_llama()
     stats = collect_input_stats(model, calib(), flap_targets(model))

@@ -16,8 +16,9 @@ def test_flap_gpu_speed_tiny_on_cpu(monkeypatch, capsys):
 
 
 def test_synthetic_stats_plan_hits_the_target():
-    from slimc.passes.flap import FlapConfig, plan_flap
     import torch
+
+    from slimc.passes.flap import FlapConfig, plan_flap
 
     dense = flap_gpu_speed.random_llama("tiny", torch.float32)
     fp = plan_flap(dense, torch.zeros(1, 2, dtype=torch.long), FlapConfig(sparsity=0.5), flap_gpu_speed.synthetic_stats(dense))

@@ -6,13 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from slimc.compiler.groups import Group, Slice, block_index
 from slimc.compiler.frontends.import_onnx import load_onnx
+from slimc.compiler.groups import Group, Slice, block_index
 from slimc.compiler.model import Model
-from onnx_roundtrip import export_onnx, feeds_for, perturb_parameters_, run_ort
 from slimc.compiler.pipeline.passes import PassContext, get_pass
 from slimc.passes._group_magnitude_math import group_channel_norms
 from slimc.passes.group_magnitude import GroupMagnitude
+
+from onnx_roundtrip import export_onnx, feeds_for, perturb_parameters_, run_ort
 
 torch.set_num_threads(1)
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from slimc.errors import SlimcError
 from slimc.compiler.analysis.llm import decoder_layers
 from slimc.compiler.model import Model
 from slimc.compiler.pipeline.passes import PassContext
+from slimc.errors import SlimcError
 from slimc.passes._magnitude_math import lowest, neuron_norms, prune_count
 from slimc.passes.identity import Identity
 from slimc.passes.magnitude import Magnitude

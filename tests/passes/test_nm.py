@@ -8,13 +8,13 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from slimc.compiler.calibration.sources import pydoc_split
-from slimc.errors import PostconditionError, SlimcError
 from slimc.compiler.model import Model
 from slimc.compiler.pipeline.passes import PassContext, PassManager, get_pass
 from slimc.compiler.pipeline.recipes import load_recipe
+from slimc.errors import PostconditionError, SlimcError
+from slimc.passes.nm import NM
 from slimc.runtime.sparse_format import is_nm_sparse
 from slimc.runtime.sparse_linear import SparseLinear, sparse_config
-from slimc.passes.nm import NM
 
 
 class ByteTokenizer:
@@ -173,7 +173,7 @@ def test_options_are_validated():
 
 @pytest.mark.parametrize("name,method", [("nm-2of4-magnitude", "magnitude"), ("nm-2of4-wanda", "wanda"), ("nm-2of4-sparsegpt", "sparsegpt")])
 def test_shipped_recipes_load_and_run(name, method):
-    recipe = load_recipe(name, [f"nm.samples=4", "nm.seq_len=32"])
+    recipe = load_recipe(name, ["nm.samples=4", "nm.seq_len=32"])
     passes = recipe.build()
     assert get_pass("nm") is NM and passes[0].config.method == method and passes[0].config.format == "packed"
     model = PassManager(passes).run(tiny_llama(), CTX)

@@ -20,12 +20,12 @@ def smollm2():
 
 
 def test_wanda_24_beats_magnitude_and_reloads_from_a_packed_checkpoint(smollm2, tmp_path):
-    from slimc.compiler.emit.save import save
     from slimc.compiler.calibration.evaluation import heldout_tokens, perplexity
+    from slimc.compiler.emit.save import save
     from slimc.compiler.frontends.loaders import load
+    from slimc.compiler.pipeline.passes import PassManager
     from slimc.compiler.pipeline.recipes import load_recipe
     from slimc.runtime.sparse_linear import SparseLinear
-    from slimc.compiler.pipeline.passes import PassManager
 
     held_out = heldout_tokens(smollm2.tokenizer)
     magnitude = smollm2.clone()

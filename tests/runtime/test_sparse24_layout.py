@@ -1,4 +1,4 @@
-"""The prefill kernel's weight layout (cuda/sparse24_layout.py) on CPU: a bijection with slimc-nm.
+"""The prefill kernel's weight layout (runtime/sparse24_layout.py) on CPU: a bijection with slimc-nm.
 
 For random 2:4 weights (fp16, bf16, fp32; shapes that need row and column padding and ones that do
 not): `from_mma_layout(to_mma_layout(values, meta))` gives back (values, meta) bit for bit,
@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimc.runtime.sparse_format import pack, unpack
 from slimc.runtime.sparse24_layout import from_mma_layout, mma_layout_dense, padded_shape, to_mma_layout
+from slimc.runtime.sparse_format import pack, unpack
 
 SHAPES = [(128, 64), (16, 32), (100, 40), (300, 200), (256, 1088), (1024, 512)]
 

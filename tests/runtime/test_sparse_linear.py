@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from slimc.errors import SlimcError
-from slimc.runtime.sparse_linear import SparseLinear, densify, prepare_sparse, sparse_config, sparse_layers, to_sparse
 from slimc.runtime.sparse24_ops import sparse24_linear, sparse24_linear_reference
+from slimc.runtime.sparse_linear import SparseLinear, densify, prepare_sparse, sparse_config, sparse_layers, to_sparse
 
 
 def masked_linear(inp: int, out: int, n: int, m: int, bias: bool = True, seed: int = 0, dtype=torch.float32) -> nn.Linear:

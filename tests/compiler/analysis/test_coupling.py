@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from slimc.compiler.analysis.coupling import find_groups, prunable_groups
 from slimc.compiler.analysis.channel_atoms import Atom, expand, find, positions, unify
-from slimc.compiler.groups import Role
-from slimc.compiler.frontends.import_torch import import_module
+from slimc.compiler.analysis.coupling import find_groups, prunable_groups
 from slimc.compiler.analysis.llm import decoder_layers
+from slimc.compiler.frontends.import_torch import import_module
+from slimc.compiler.groups import Role
 
 
 def _groups(module: nn.Module, **inputs) -> list:
@@ -300,8 +300,8 @@ def test_moe_groups_do_not_depend_on_the_example_routing():
 
 def test_model_groups_on_a_slimc_model_and_advice_without_inputs():
     from slimc.compiler.analysis.coupling import model_groups
-    from slimc.errors import SlimcError
     from slimc.compiler.model import Model
+    from slimc.errors import SlimcError
 
     llm = _tiny_llama(2)
     groups = model_groups(Model(module=llm, config=llm.config))  # a causal LM: 8 tokens by default
@@ -408,9 +408,9 @@ def test_analysis_after_surgery_sees_per_layer_widths_and_leaves_the_graph_alone
 
 def test_torch_and_onnx_front_ends_give_the_same_groups(tmp_path):
     """One IR, one analysis: the DenseNet-style zoo net through torch.export and through ONNX."""
-    import zoo_models as zoo  # benchmarks/ is on pytest's pythonpath
-
     from slimc.compiler.frontends.import_onnx import import_onnx, load_onnx
+
+    import zoo_models as zoo  # benchmarks/ is on pytest's pythonpath
 
     model, inputs = zoo.by_name("densenet-concat").build()
     torch_groups = find_groups(import_module(model, inputs), model)

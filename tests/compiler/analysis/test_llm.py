@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from slimc.errors import SlimcError
-from slimc.compiler.groups import Role
 from slimc.compiler.analysis.llm import decoder_layers
+from slimc.compiler.groups import Role
 from slimc.compiler.surgery import apply_plan, mask_plan
+from slimc.errors import SlimcError
 
 
 def _llama(kv=2, heads=6, tie=True, cls=LlamaForCausalLM, cfg_cls=LlamaConfig, **kw):

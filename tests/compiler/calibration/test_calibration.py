@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-
-from slimc.compiler.calibration.stats import MomentAccumulator, collect_input_stats
 from slimc.compiler.calibration.sources import draw_windows, open_source, pydoc_split, pydoc_text
-from slimc.errors import SlimcError
+from slimc.compiler.calibration.stats import MomentAccumulator, collect_input_stats
 from slimc.compiler.model import Model
+from slimc.errors import SlimcError
 
 
 class ByteTokenizer:
@@ -152,3 +152,76 @@ def test_variance_merge_is_accurate_with_a_large_mean():
     allx = torch.cat(xs).float().double()
     torch.testing.assert_close(st.var, allx.var(0, unbiased=False), rtol=1e-6, atol=1e-9)
     assert st.count == 350
+
+
+# ---- token-id sources: calibration without a tokenizer ---------------------------------------
+
+
+def _ids(n: int = 6, length: int = 40) -> torch.Tensor:
+    return torch.randint(0, 250, (n, length), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("kind", ["pt", "pt-list", "pt-dict", "npy", "jsonl"])
+def test_token_files_give_one_stream_of_their_rows(tmp_path, kind):
+    ids = _ids()
+    path = tmp_path / f"ids.{kind.split('-')[0]}"
+    if kind == "pt":
+        torch.save(ids, path)
+    elif kind == "pt-list":
+        torch.save([r.tolist() for r in ids], path)
+    elif kind == "pt-dict":
+        torch.save({"input_ids": ids}, path)
+    elif kind == "npy":
+        np.save(path, ids.numpy().astype(np.int32))
+    else:
+        path.write_text("\n".join(json.dumps({"input_ids": r.tolist()}) for r in ids) + "\n\n")
+    src = open_source(str(path))
+    assert not src.needs_tokenizer
+    assert torch.equal(src.tokens(None), ids.reshape(-1))
+    w = src.windows(None, 5, 16, seed=2)  # no tokenizer needed
+    assert w.shape == (5, 16) and w.dtype == torch.long
+    assert torch.equal(w, src.windows(None, 5, 16, seed=2))
+
+
+@pytest.mark.parametrize(
+    "write, match",
+    [
+        (lambda p: torch.save(torch.randn(3, 8), p), "integers"),
+        (lambda p: torch.save(torch.tensor([[1, -2, 3]]), p), ">= 0"),
+        (lambda p: torch.save(torch.zeros(0, dtype=torch.long), p), "no token ids"),
+        (lambda p: torch.save({"ids": object()}, p), "torch.save"),  # a pickle that is not plain data: refused
+        (lambda p: p.write_bytes(b"garbage"), "torch.save"),
+    ],
+)
+def test_bad_pt_token_files(tmp_path, write, match):
+    path = tmp_path / "ids.pt"
+    write(path)
+    with pytest.raises(SlimcError, match=match):
+        open_source(str(path)).tokens(None)
+
+
+def test_bad_npy_and_jsonl_token_files(tmp_path):
+    npy = tmp_path / "ids.npy"
+    np.save(npy, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(SlimcError, match="npy"):
+        open_source(str(npy)).tokens(None)
+    jl = tmp_path / "ids.jsonl"
+    jl.write_text(json.dumps({"input_ids": [1, 2]}) + "\n" + json.dumps({"input_ids": [1, "x"]}) + "\n")
+    with pytest.raises(SlimcError, match=":2: expected an object with an 'input_ids' list of integers"):
+        open_source(str(jl)).tokens(None)
+
+
+def test_text_sources_still_need_a_tokenizer_and_say_how_to_avoid_it(tmp_path):
+    txt = tmp_path / "a.txt"
+    txt.write_text("hello " * 100)
+    with pytest.raises(SlimcError, match="token ids"):
+        open_source(str(txt)).windows(None, 1, 4, 0)
+
+
+def test_calibration_tokens_checks_the_vocabulary():
+    from slimc.compiler.calibration.sources import calibration_tokens
+
+    ids = torch.tensor([[1, 2, 300]])
+    assert calibration_tokens(ids, "pydoc", None, 1, 3, 0)[0] is ids  # ready windows are used as they are
+    with pytest.raises(SlimcError, match="outside the model's vocabulary of 256"):
+        calibration_tokens(ids, "pydoc", None, 1, 3, 0, vocab_size=256)

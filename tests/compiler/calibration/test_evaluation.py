@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from slimc.compiler.calibration.sources import pydoc_split
-from slimc.errors import SlimcError
 from slimc.compiler.calibration.evaluation import eval_windows, heldout_tokens, parameter_counts, perplexity
+from slimc.compiler.calibration.sources import pydoc_split
 from slimc.compiler.model import Model
+from slimc.errors import SlimcError
 
 
 class ByteTokenizer:

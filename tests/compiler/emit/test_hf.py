@@ -8,13 +8,13 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from slimc.compiler.emit.save import save
-from slimc.compiler.emit.hf import derive_config, verify_hf, write_hf
-from slimc.errors import SlimcError
 from slimc.compiler.analysis.llm import decoder_layers
+from slimc.compiler.emit.hf import derive_config, verify_hf, write_hf
+from slimc.compiler.emit.save import save
 from slimc.compiler.frontends.loaders import load
 from slimc.compiler.model import Model
 from slimc.compiler.surgery import apply_plan
+from slimc.errors import SlimcError
 
 ATOL = 1e-4  # fp32 reload must reproduce the logits
 

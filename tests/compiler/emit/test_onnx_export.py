@@ -5,14 +5,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from slimc.compiler.emit.save import save
+from slimc.compiler.analysis.llm import decoder_layers
 from slimc.compiler.emit.onnx_export import LLM_ATOL, OPSET, verify_onnx, write_onnx
 from slimc.compiler.emit.pt2_export import verify_pt2, write_pt2
-from slimc.errors import SlimcError
-from slimc.compiler.analysis.llm import decoder_layers
+from slimc.compiler.emit.save import save
 from slimc.compiler.frontends.loaders import load
 from slimc.compiler.model import Model
 from slimc.compiler.surgery import apply_plan
+from slimc.errors import SlimcError
 
 
 def tiny_model() -> Model:

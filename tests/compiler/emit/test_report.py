@@ -5,8 +5,8 @@ import json
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from slimc.compiler.model import Model, PassRecord
 from slimc.compiler.emit.report import build_report, jsonable, layer_widths, path_bytes, render_markdown, write_report
+from slimc.compiler.model import Model, PassRecord
 
 
 def tiny() -> Model:

@@ -7,8 +7,9 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from slimc.errors import SlimcError
 from slimc.compiler.frontends.import_onnx import import_onnx, load_onnx
+from slimc.errors import SlimcError
+
 from onnx_roundtrip import export_onnx, perturb_parameters_
 
 torch.set_num_threads(1)
@@ -215,3 +216,33 @@ def test_opset18_groupnorm_with_per_group_scale_is_opaque(tmp_path):
     node = helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=2)
     onnx.save(helper.make_model(helper.make_graph([node], "gn", [x], [y], inits), opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "gn.onnx")
     assert _ops(import_onnx(load_onnx(tmp_path / "gn.onnx"))) == ["opaque"]
+
+
+@pytest.mark.parametrize("op, domain, opset, lowered", [
+    ("QuickGelu", "com.microsoft", 18, ("unary", "quickgelu")),
+    ("Gelu", "com.microsoft", 18, ("unary", "gelu")),
+    ("Gelu", "", 20, ("unary", "gelu")),
+    ("QuickGelu", "", 18, ("opaque", None)),  # QuickGelu is a com.microsoft contrib op only
+    ("Attention", "com.microsoft", 18, ("opaque", None)),  # a contrib op without a rule
+    ("Softmax", "com.microsoft", 18, ("opaque", None)),
+    ("LpNormalization", "", 18, ("opaque", None)),  # channel-keeping for the surgery, no IR norm kind
+])
+def test_op_domains_decide_the_lowering(tmp_path, op, domain, opset, lowered):
+    _tiny_onnx(tmp_path / "m.onnx", opset, op=op, domain=domain)
+    g = import_onnx(load_onnx(tmp_path / "m.onnx"))
+    act = g.nodes[1]
+    assert (act.op, act.attrs.get("fn")) == lowered, g.dump()
+    assert act.source_op == (f"{domain}::{op}" if domain else f"onnx::{op}")
+
+
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+def test_softmax_keeps_its_axis(tmp_path, op):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4])
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3, 4])
+    nodes = [helper.make_node(op, ["x"], ["y"], name="default"), helper.make_node(op, ["x"], ["z"], name="one", axis=-2)]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y, z]), opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(model, tmp_path / "sm.onnx")
+    g = import_onnx(load_onnx(tmp_path / "sm.onnx"))
+    assert [(n.op, n.attrs["axis"], n.attrs["log"]) for n in g.nodes] == [("softmax", 2, op == "LogSoftmax"),
+                                                                         ("softmax", 1, op == "LogSoftmax")]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from slimc.errors import SlimcError
 from slimc.compiler.frontends.import_torch import import_module
+from slimc.errors import SlimcError
 
 
 class Block(nn.Module):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from slimc.errors import SlimcError
 from slimc.compiler.frontends.loaders import check_safetensors, load, resolve_alias
+from slimc.errors import SlimcError
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:

@@ -3,8 +3,8 @@
 import pytest
 import yaml
 
-from slimc.errors import SlimcError
 from slimc.compiler.pipeline.recipes import load_recipe, parse_recipe, shipped_recipes
+from slimc.errors import SlimcError
 
 
 def built(recipe):

@@ -7,11 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from slimc.errors import SlimcError
-from slimc.compiler.groups import Group, Role, Slice, block_index
 from slimc.compiler.frontends.import_onnx import import_onnx, load_onnx
-from onnx_roundtrip import export_onnx, feeds_for, perturb_parameters_, run_ort, save_onnx
+from slimc.compiler.groups import Group, Role, Slice, block_index
 from slimc.compiler.surgery.onnx_model import apply_plan_onnx, mask_plan_onnx
+from slimc.errors import SlimcError
+
+from onnx_roundtrip import export_onnx, feeds_for, perturb_parameters_, run_ort, save_onnx
 
 torch.set_num_threads(1)
 RTOL = 1e-5
@@ -330,6 +331,7 @@ def test_smollm2_onnx_kv_groups_and_neurons_prune_exactly(tmp_path):
     """The real model through the ONNX front-end: export, find_groups, drop 1 of 3 KV groups and 25% of
     the MLP neurons in every layer; pruned equals masked under ORT to float32 rounding."""
     from slimc.compiler.analysis.coupling import find_groups
+
     from onnx_roundtrip import check_plan, random_plan
 
     torch.set_num_threads(2)
@@ -366,6 +368,7 @@ def test_torchscript_exporter_files_prune_exactly(tmp_path, make):
     import warnings
 
     from slimc.compiler.analysis.coupling import find_groups
+
     from onnx_roundtrip import check_plan, random_plan
 
     net = perturb_parameters_(make()).eval()
@@ -399,6 +402,7 @@ def test_empty_plan_changes_nothing(tmp_path):
 def test_opset23_attention_and_rmsnormalization_ops(tmp_path):
     """opset 23: the exporter writes Attention and RMSNormalization nodes instead of decompositions."""
     from slimc.compiler.analysis.coupling import find_groups
+
     from onnx_roundtrip import check_plan, random_plan
 
     net = _tiny_llama()
@@ -422,6 +426,7 @@ def test_onnxruntime_fused_ops_skiplayernorm_biasgelu(tmp_path):
     from onnxruntime.transformers import optimizer
 
     from slimc.compiler.analysis.coupling import find_groups
+
     from onnx_roundtrip import check_plan, random_plan
 
     ids = torch.randint(0, 64, (1, 8))
@@ -497,3 +502,63 @@ def test_slice_bounds_and_gather_indices_follow_removed_channels(tmp_path):
     # old channels 2, 4, 5, 6 are new 1 .. 4; old 6, 7 are new 4, 5
     assert sl.inputs[1].const_value.numpy().tolist() == [1] and sl.inputs[2].const_value.numpy().tolist() == [5]
     assert ga.inputs[1].const_value.numpy().tolist() == [4, 5]
+
+
+def _act_model(path, op: str, domain: str = "", opset: int = 18, **attrs) -> None:
+    """h = x[2, 4, 6] @ w[6, 8]; a = op(h); y = a @ w2[8, 3]: channel c of h is column c of w, row c of w2."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    arrays = {"w": rng.standard_normal((6, 8)), "w2": rng.standard_normal((8, 3))}
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node(op, ["h"], ["a"], name="act", domain=domain, **attrs),
+        helper.make_node("MatMul", ["a", "w2"], ["y"], name="mm2"),
+    ]
+    inits = [helper.make_tensor(n, TensorProto.FLOAT, a.shape, a.astype(np.float32).ravel()) for n, a in arrays.items()]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 3])], inits,
+                              # declared, as ONNX Runtime's optimizer writes them: shape inference skips contrib ops
+                              value_info=[helper.make_tensor_value_info(v, TensorProto.FLOAT, [2, 4, 8]) for v in ("h", "a")])
+    opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    onnx.save(helper.make_model(graph, opset_imports=opsets), path)
+
+
+_CHANNELS = Group("channels", 8, [Slice("w", 1, block_index(8, 1)), Slice("w2", 0, block_index(8, 1))])
+_X = {"x": np.random.default_rng(1).standard_normal((2, 4, 6)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+@pytest.mark.parametrize("axis", [None, -1, 2], ids=["default", "-1", "2"])
+def test_channels_along_the_softmax_axis_are_refused(tmp_path, op, axis):
+    """Softmax over the channel axis: a removed entry (exp(0) = 1 even when zeroed) changes every output."""
+    _act_model(tmp_path / "sm.onnx", op, **({} if axis is None else {"axis": axis}))
+    model = load_onnx(tmp_path / "sm.onnx")
+    with pytest.raises(SlimcError, match=rf"ONNX node 'act' \({op}\): .*axis 2 .*normalises over"):
+        apply_plan_onnx(model, {_CHANNELS: [1, 5]})
+
+
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+@pytest.mark.parametrize("axis", [1, -2, 0])
+def test_channels_along_another_softmax_axis_are_removed_exactly(tmp_path, op, axis):
+    _act_model(tmp_path / "sm.onnx", op, axis=axis)
+    model = load_onnx(tmp_path / "sm.onnx")
+    stats, y0, _ = _roundtrip(model, {_CHANNELS: [1, 5]}, _X, tmp_path)
+    assert stats["params_removed"] == 2 * 6 + 2 * 3
+    act = next(n for n in model.graph if n.name == "act")
+    assert list(act.outputs[0].shape) == [2, 4, 6]
+    assert np.abs(y0[0]).max() > 0
+
+
+def test_contrib_quickgelu_is_elementwise_and_default_domain_quickgelu_has_no_rule(tmp_path):
+    """QuickGelu is a com.microsoft op: the importer lowers it and the surgery cuts through it; there is no ai.onnx QuickGelu."""
+    _act_model(tmp_path / "qg.onnx", "QuickGelu", domain="com.microsoft", alpha=1.702)
+    model = load_onnx(tmp_path / "qg.onnx")
+    assert [n.op for n in import_onnx(model).nodes] == ["linear", "unary", "linear"]
+    stats, _, _ = _roundtrip(model, {_CHANNELS: [0, 7]}, _X, tmp_path)
+    assert stats["params_removed"] == 2 * 6 + 2 * 3
+    _act_model(tmp_path / "bad.onnx", "QuickGelu")
+    bad = load_onnx(tmp_path / "bad.onnx")
+    assert [n.op for n in import_onnx(bad).nodes] == ["linear", "opaque", "linear"]
+    with pytest.raises(SlimcError, match=r"ONNX node 'act' \(QuickGelu\): no shape rule"):
+        apply_plan_onnx(bad, {_CHANNELS: [0]})

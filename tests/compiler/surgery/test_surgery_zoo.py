@@ -20,12 +20,12 @@ import pytest
 import torch
 
 from slimc.compiler.analysis.coupling import find_groups
-from slimc.compiler.groups import Group, Role
 from slimc.compiler.frontends.import_torch import import_module
+from slimc.compiler.groups import Group, Role
 from slimc.compiler.surgery.torch_module import apply_plan, mask_plan
 
-
 import zoo_models as Z  # noqa: E402  (benchmarks/ is on pytest's pythonpath)
+
 ZOO = Z.ZOO
 TOL = 1e-5  # relative to the output's max magnitude
 ORT_TOL = 1e-4

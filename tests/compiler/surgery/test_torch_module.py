@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from slimc.errors import SlimcError
 from slimc.compiler.groups import AttrUpdate, Group, Role, Slice, block_index
 from slimc.compiler.surgery.torch_module import apply_plan, mask_plan
+from slimc.errors import SlimcError
 
 
 def _conv_bn_net():
