@@ -1,8 +1,10 @@
-"""A Llama whose decoder layers may differ in width: slimc's per-layer checkpoint format.
+"""A Llama whose decoder layers may differ in width: the Llama-only per-layer checkpoint form.
 
-After structured pruning (FLAP, CFSP, ...) each decoder layer can keep a different number of query
-heads / KV heads / MLP neurons, and FLAP's bias compensation adds a bias to `o_proj` and
-`down_proj` only. A stock `LlamaConfig` cannot say that, so slimc writes
+slimc now writes every per-layer checkpoint, Llama included, in the generic resized form
+(`runtime/modeling_slimc_resized.py`: the original config plus a record of what differs, loaded as the
+stock class). Checkpoints written in this older form still load, through `slimc.load` (which imports
+this module directly) or `trust_remote_code=True` (the copy shipped beside their weights). Their
+config.json reads
 
     "model_type": "slimc_llama",
     "slimc_layers": [{"num_attention_heads": 6, "num_key_value_heads": 2, "intermediate_size": 1229,
@@ -10,9 +12,9 @@ heads / KV heads / MLP neurons, and FLAP's bias compensation adds a bias to `o_p
     "auto_map": {"AutoConfig": "modeling_slimc_llama.SlimcLlamaConfig",
                  "AutoModelForCausalLM": "modeling_slimc_llama.SlimcLlamaForCausalLM"}
 
-and copies this file beside the weights. `AutoModelForCausalLM.from_pretrained(dir,
-trust_remote_code=True)` then builds every layer with its own shapes; `slimc.load(dir)` imports
-this module directly. The file depends on `transformers` only (it is shipped into checkpoints).
+and every layer is built with its own shapes. The file depends on `transformers` only (it is shipped
+into checkpoints). Saving such a model again with slimc writes the resized form, with
+`LlamaForCausalLM` as the base.
 
 A layer whose attention lost every head (or whose MLP lost every neuron) keeps its residual path:
 the block adds only its bias (or nothing), which is what the pruned in-memory model computes.

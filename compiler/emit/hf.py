@@ -1,11 +1,16 @@
 """Hugging Face checkpoint emitter: safetensors + config.json (+ generation config, tokenizer).
 
-The config is derived from the module's weight shapes at save time, so no pass has to keep it in
-sync. When every decoder layer has the same widths and no extra biases, the result is a stock
-config (`AutoModelForCausalLM.from_pretrained(OUT)` loads it). Otherwise config.json gets
-`slimc_layers` (one dict per layer: heads, KV heads, MLP width, o_proj/down_proj bias), `auto_map`,
-and `runtime/modeling_slimc_llama.py` is copied beside the weights (`trust_remote_code=True` or
-`slimc.load`). Models holding N:M `SparseLinear` layers get `slimc_sparsity` (`runtime/sparse_linear.sparse_config`).
+The config is derived from the module at save time, so no pass has to keep it in sync. When a stock
+config builds exactly the module's tensors (every decoder layer of a Llama-style model has the same
+widths and no extra biases, or nothing was pruned), config.json is that stock config and
+`AutoModelForCausalLM.from_pretrained(OUT)` loads it. Otherwise (per-layer widths, added biases, on any
+architecture) config.json is slimc's resized form (`runtime/modeling_slimc_resized.py`): the original
+config as `base_config`, and `slimc_resize`, the differences between the module and a fresh one built from
+that config on the meta device (tensor shapes, parameters only the pruned model has, integer module
+attributes such as GPT-2's `num_heads`), found by comparing the two; the modeling file is copied beside
+the weights (`trust_remote_code=True` or `slimc.load`). Models holding N:M `SparseLinear` layers get
+`slimc_sparsity` (`runtime/sparse_linear.sparse_config`); the record describes them as the dense
+`nn.Linear` they replace, so the two compose.
 
 `write_hf` writes into a directory; `verify_hf` re-loads it and compares logits with the
 in-memory model. `compiler/emit/save.save` wraps both in an atomic output directory.
@@ -16,6 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +31,14 @@ from torch import nn
 from slimc.compiler.analysis.llm import DecoderLayerView, recognised_layers
 from slimc.compiler.model import Model
 from slimc.errors import SlimcError
-from slimc.runtime import modeling_slimc_llama
-from slimc.runtime.sparse_linear import sparse_config
+from slimc.runtime import modeling_slimc_resized as resized
+from slimc.runtime.sparse_linear import SparseLinear, sparse_config
 
-MODELING_FILE = Path(modeling_slimc_llama.__file__)
+MODELING_FILE = Path(resized.__file__)
 AUTO_MAP = {
-    "AutoConfig": "modeling_slimc_llama.SlimcLlamaConfig",
-    "AutoModelForCausalLM": "modeling_slimc_llama.SlimcLlamaForCausalLM",
+    "AutoConfig": "modeling_slimc_resized.SlimcResizedConfig",
+    "AutoModelForCausalLM": "modeling_slimc_resized.SlimcResizedForCausalLM",
 }
-LLAMA_TYPES = ("llama", "slimc_llama")
 
 
 def _has_bias(linear: nn.Module) -> bool:
@@ -59,23 +64,144 @@ def _biases(module: nn.Module, views: list[DecoderLayerView], prefix: str, names
     return {_has_bias(module.get_submodule(f"{getattr(v, prefix)}.{n}")) for v in views for n in names}
 
 
-def derive_config(model: Model) -> tuple[dict[str, Any], bool]:
-    """(config.json dict, per_layer) for the model as it is now."""
-    module, config = model.module, model.config
-    data = config.to_dict()
+# ---------------------------------------------------------------- comparing a module with its config
+
+
+@dataclass
+class Signature:
+    """What a config must reproduce of a module: module types, tensor shapes, integer attributes."""
+
+    modules: dict[str, type] = field(default_factory=dict)
+    tensors: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # name -> (shape, kind)
+    attributes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _int_like(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return bool(value) and all(_int_like(v) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def signature(module: nn.Module) -> Signature:
+    """The module's structure. A `SparseLinear` counts as the dense `nn.Linear` it packs (its weight
+    [out, in], its bias), so a resize record describes dense layers and `slimc_sparsity` applies on top."""
+    sig = Signature()
+    skip: list[str] = []
+    for path, mod in module.named_modules():
+        if any(path.startswith(s + ".") for s in skip):
+            continue
+        pre = f"{path}." if path else ""
+        if isinstance(mod, SparseLinear):
+            skip.append(path)
+            sig.modules[path] = nn.Linear
+            sig.tensors[f"{pre}weight"] = ((mod.out_features, mod.in_features), "parameter")
+            if mod.bias is not None:
+                sig.tensors[f"{pre}bias"] = ((mod.out_features,), "parameter")
+            sig.attributes[path] = {"in_features": mod.in_features, "out_features": mod.out_features}
+            continue
+        sig.modules[path] = type(mod)
+        for name, t in mod._parameters.items():
+            if t is not None:
+                sig.tensors[pre + name] = (tuple(t.shape), "parameter")
+        for name, t in mod._buffers.items():
+            if t is not None:
+                kind = "non-persistent buffer" if name in mod._non_persistent_buffers_set else "buffer"
+                sig.tensors[pre + name] = (tuple(t.shape), kind)
+        sig.attributes[path] = {k: v for k, v in vars(mod).items() if not k.startswith("_") and _int_like(v)}
+    return sig
+
+
+def _meta_build(data: dict[str, Any]) -> nn.Module:
+    """The module the loader builds for a config.json dict, on the meta device (no memory, no init)."""
+    config = resized.base_config(data)
+    cls = resized.stock_class(config)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls._from_config(config)
+
+
+def resize_record(module: nn.Module, built: nn.Module) -> dict[str, Any]:
+    """How `module` differs from `built` (the model its base config builds), as a `slimc_resize` record;
+    SlimcError for a difference a record cannot express (a module of another type, an added module,
+    a buffer added, removed or resized that the checkpoint does not carry)."""
+    ours, theirs = signature(module), signature(built)
+    arch = type(built).__name__
+
+    def refuse(why: str) -> SlimcError:
+        return SlimcError(f"slimc cannot write this checkpoint: {why}, which the {arch} config cannot be resized to describe")
+
+    for path, cls in theirs.modules.items():
+        if path not in ours.modules:
+            raise refuse(f"module '{path}' was removed")
+        if not issubclass(ours.modules[path], cls):
+            raise refuse(f"module '{path}' is a {ours.modules[path].__name__}, not a {cls.__name__}")
+    extra = [p for p in ours.modules if p not in theirs.modules]
+    if extra:
+        raise refuse(f"module '{extra[0]}' was added")
+    shapes: dict[str, list[int]] = {}
+    new: dict[str, list[int]] = {}
+    removed: list[str] = []
+    for name, (shape, kind) in theirs.tensors.items():
+        if name not in ours.tensors:
+            if kind != "parameter":
+                raise refuse(f"{kind} '{name}' was removed")
+            removed.append(name)
+        elif ours.tensors[name][0] != shape:
+            if kind == "non-persistent buffer":
+                raise refuse(f"non-persistent buffer '{name}' (not in the checkpoint) changed shape")
+            shapes[name] = list(ours.tensors[name][0])
+    for name, (shape, kind) in ours.tensors.items():
+        if name not in theirs.tensors:
+            if kind != "parameter":
+                raise refuse(f"{kind} '{name}' was added")
+            new[name] = list(shape)
+    attributes: dict[str, dict[str, Any]] = {}
+    for path, attrs in theirs.attributes.items():
+        changed = {k: ours.attributes[path][k] for k, v in attrs.items()
+                   if k in ours.attributes[path] and ours.attributes[path][k] != v}
+        if changed:
+            attributes[path] = {k: list(v) if isinstance(v, tuple) else v for k, v in changed.items()}
+    if not (shapes or new or removed or attributes):
+        return {}
+    return {"format": resized.FORMAT, "version": resized.VERSION, "shapes": shapes, "new_parameters": new,
+            "removed_parameters": removed, "attributes": attributes}
+
+
+def _stock_name(module: nn.Module) -> str:
+    """The first transformers class in the module's MRO (a subclass of ours, e.g. the old per-layer
+    SlimcLlamaForCausalLM, is written as the stock class it extends)."""
+    import transformers
+
+    for cls in type(module).__mro__:
+        if getattr(transformers, cls.__name__, None) is cls:
+            return cls.__name__
+    return type(module).__name__
+
+
+def base_dict(model: Model) -> dict[str, Any]:
+    """The model's config as a stock config.json dict (an old `slimc_llama` config becomes `llama`)."""
+    data = model.config.to_dict()
     data.pop("auto_map", None)
-    data["architectures"] = [type(module).__name__]
-    data["dtype"] = str(next(module.parameters()).dtype).removeprefix("torch.")
-    views = recognised_layers(model) if model.is_causal_lm else None
+    data.pop("_name_or_path", None)  # where it was last loaded from: a local path, not part of the architecture
+    if data.get("model_type") == "slimc_llama":
+        data["model_type"] = "llama"
+        data.pop("slimc_layers", None)
+    data["architectures"] = [_stock_name(model.module)]
+    data["dtype"] = str(next(model.module.parameters()).dtype).removeprefix("torch.")
+    return data
+
+
+def _stock_candidate(model: Model, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with a Llama-style model's widths set when every decoder layer has the same ones."""
+    module, config = model.module, model.config
+    data = dict(data)
+    views = recognised_layers(model)
     if not views:
-        return data, False
-    head_dim = views[0].head_dim
+        return data
     specs = layer_specs(module, views)
     qkv = _biases(module, views, "attn", ("q_proj", "k_proj", "v_proj"))
     gate_up = _biases(module, views, "mlp", ("gate_proj", "up_proj"))
     attention_bias, mlp_bias = bool(getattr(config, "attention_bias", False)), bool(getattr(config, "mlp_bias", False))
-    if len(qkv) > 1 or len(gate_up) > 1:
-        raise SlimcError("some layers have q/k/v (or gate/up) biases and others not; slimc cannot write that checkpoint")
     first = specs[0]
     uniform = (
         all(s == first for s in specs)
@@ -84,31 +210,43 @@ def derive_config(model: Model) -> tuple[dict[str, Any], bool]:
         and first["num_attention_heads"] > 0 and first["intermediate_size"] > 0
         and config.hidden_size % first["num_attention_heads"] == 0  # transformers validates this
     )
-    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-        if uniform:
-            data[key] = first[key]
-    data["head_dim"] = head_dim
     if uniform:
-        if data.get("model_type") == "slimc_llama":  # a per-layer model pruned back to uniform
-            data["model_type"] = "llama"
-            data["architectures"] = ["LlamaForCausalLM"]
-            data.pop("slimc_layers", None)
+        for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+            data[key] = first[key]
+        data["head_dim"] = views[0].head_dim
+    return data
+
+
+def derive_config(model: Model) -> tuple[dict[str, Any], bool]:
+    """(config.json dict, resized) for the model as it is now: a stock config when one builds exactly
+    the module's tensors, else the resized form (`base_config` + `slimc_resize` + `auto_map`)."""
+    data = base_dict(model)
+    if not model.is_causal_lm:
         return data, False
-    if data.get("model_type") not in LLAMA_TYPES:
-        raise SlimcError(
-            f"per-layer widths are written only for Llama-family models, not model_type '{data.get('model_type')}'"
-        )
-    if qkv != {attention_bias}:
-        data["attention_bias"] = next(iter(qkv))
-    if gate_up != {mlp_bias}:
-        data["mlp_bias"] = next(iter(gate_up))
-    data.update(
-        model_type="slimc_llama",
-        architectures=["SlimcLlamaForCausalLM"],
-        auto_map=dict(AUTO_MAP),
-        slimc_layers=specs,
-    )
-    return data, True
+    candidate = _stock_candidate(model, data)
+    try:
+        # Tensors decide: an attribute the surgery left stale (LlamaMLP.intermediate_size, unused by
+        # forward) differs from a config that states the new width; the reload check compares logits.
+        diff = resize_record(model.module, _meta_build(candidate))
+        stock_fits = not any(diff.get(k) for k in ("shapes", "new_parameters", "removed_parameters"))
+    except Exception:  # noqa: BLE001 — the candidate widths build another structure, or nothing
+        stock_fits = False
+    if stock_fits:
+        return candidate, False
+    try:
+        built = _meta_build(data)
+    except Exception:  # noqa: BLE001 — a config transformers cannot build here
+        # nothing to compare with: write the config as it is and let the reload check judge it
+        return candidate, False
+    record = resize_record(model.module, built)
+    return {
+        "model_type": resized.SlimcResizedConfig.model_type,
+        "architectures": [resized.SlimcResizedForCausalLM.__name__],
+        "auto_map": dict(AUTO_MAP),
+        "base_config": data,
+        "slimc_resize": record,
+        "dtype": data["dtype"],
+    }, True
 
 
 def write_hf(model: Model, out_dir: Path) -> dict[str, Any]:
@@ -133,7 +271,7 @@ def write_hf(model: Model, out_dir: Path) -> dict[str, Any]:
     return {
         "format": "hf",
         "per_layer": per_layer,
-        "config": "slimc_llama (trust_remote_code or slimc.load)" if per_layer else "stock",
+        "config": "slimc_resized (trust_remote_code or slimc.load)" if per_layer else "stock",
         "sparsity": sparse,
         "tokenizer": model.tokenizer is not None,
     }

@@ -11,9 +11,11 @@
 
 Every input a user can get wrong (missing file, truncated safetensors, random bytes, a pickle
 without --trust-pickle, an unknown format) raises a one-line `SlimcError` that says what to do.
-Checkpoints slimc wrote load too: per-layer widths (`slimc_layers`) through
-`runtime/modeling_slimc_llama`, and N:M layers (`slimc_sparsity`) through
-`runtime/sparse_linear.prepare_sparse`.
+Checkpoints slimc wrote load too: resized architectures (`model_type: slimc_resized`, per-layer
+widths and added biases of any family) through `runtime/modeling_slimc_resized`, imported directly
+(never as remote code); the older Llama-only per-layer form (`slimc_layers`) through
+`runtime/modeling_slimc_llama`; N:M layers (`slimc_sparsity`) through
+`runtime/sparse_linear.prepare_sparse`, applied after any resize and before the weights are read.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def load_tokenizer(spec: str | Path) -> Any:
     if where.is_dir() and not any((where / f).is_file() for f in TOKENIZER_FILES):
         raise SlimcError(f"--tokenizer {spec}: the directory holds no tokenizer ({', '.join(TOKENIZER_FILES)})")
     try:
-        with _quiet_config_log():
+        with _quiet_log():
             return AutoTokenizer.from_pretrained(str(where) if where.is_dir() else str(spec), trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SlimcError(f"--tokenizer {spec}: cannot load a tokenizer ({_first_line(e)}); give a directory that holds one") from None
@@ -174,12 +176,22 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any]):
-    """A transformers config from a config.json dict (slimc's per-layer Llama included)."""
+    """A transformers config from a config.json dict (slimc's resized and per-layer Llama forms included)."""
     from transformers import AutoConfig
 
     data = dict(data)
-    data.pop("auto_map", None)  # slimc's own modeling file is imported directly, not via remote code
+    data.pop("auto_map", None)  # slimc's own modeling files are imported directly, not via remote code
     model_type = data.pop("model_type", None)
+    if model_type == "slimc_resized":
+        from slimc.runtime.modeling_slimc_resized import SlimcResizedConfig, check_record
+
+        config = SlimcResizedConfig.from_dict(data)
+        try:
+            check_record(config.slimc_resize)
+            config.base()
+        except (ValueError, KeyError, TypeError) as e:
+            raise SlimcError(f"config.json (a slimc_resized checkpoint) cannot be used: {_first_line(e)}") from None
+        return config
     if model_type == "slimc_llama":
         from slimc.runtime.modeling_slimc_llama import SlimcLlamaConfig
 
@@ -195,6 +207,10 @@ def config_from_dict(data: dict[str, Any]):
 def _model_class(config):
     from transformers import AutoModelForCausalLM
 
+    if config.model_type == "slimc_resized":
+        from slimc.runtime.modeling_slimc_resized import SlimcResizedForCausalLM
+
+        return SlimcResizedForCausalLM
     if config.model_type == "slimc_llama":
         from slimc.runtime.modeling_slimc_llama import SlimcLlamaForCausalLM
 
@@ -229,16 +245,21 @@ def load_hf_dir(path: Path) -> Model:
         check_safetensors(f)
     config = config_from_dict(raw)
     sparsity = raw.get("slimc_sparsity")
+    prepare = (lambda m: prepare_sparse(m, dict(sparsity))) if sparsity else None
     try:
-        if sparsity:
-            module = _load_sparse(path, config, sparsity, dtype)
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # zero-size tensors of fully pruned blocks warn on init
-                module = _model_class(config).from_pretrained(path, config=config, dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zero-size tensors of fully pruned blocks warn on init
+            module = _load_module(path, config, dtype, prepare)
     except SlimcError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        if config.model_type == "slimc_resized":
+            raise SlimcError(
+                f"{path}: config.json's slimc_resize record does not match the checkpoint ({_first_line(e)}); "
+                "write the model again with slimc.save or compress"
+            ) from None
+        if isinstance(e, TypeError):  # only a resize record's malformed entries are a user's error
+            raise
         mismatch = _shape_mismatch(path, config)
         if mismatch:
             raise SlimcError(
@@ -248,6 +269,24 @@ def load_hf_dir(path: Path) -> Model:
         raise SlimcError(f"{path}: cannot load the checkpoint ({type(e).__name__}: {_first_line(e)})") from None
     module.eval()
     return Model(module=module, config=module.config, tokenizer=_tokenizer(path), source=path, source_format="hf")
+
+
+def _load_module(path: Path, config, dtype: torch.dtype, prepare) -> nn.Module:
+    """The checkpoint's module. A resized checkpoint comes back as the stock class of its base config;
+    `prepare` (N:M layers) edits the freshly built module before transformers reads the weights, which
+    are then required to fit exactly."""
+    from slimc.runtime.modeling_slimc_resized import load_edited, stock_class
+
+    cls = _model_class(config)
+    if config.model_type != "slimc_resized" and prepare is None:
+        return cls.from_pretrained(path, config=config, dtype=dtype)
+    # these loads are strict and every problem becomes one SlimcError: transformers' load report
+    # (a warning table of the same keys) would only repeat it
+    with _quiet_log("transformers.modeling_utils"):
+        if config.model_type == "slimc_resized":
+            return cls.from_pretrained(path, config=config, dtype=dtype, prepare=prepare)
+        stock = cls if config.model_type == "slimc_llama" else stock_class(config)
+        return load_edited(path, config, prepare, stock=stock, dtype=dtype)
 
 
 def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
@@ -274,19 +313,6 @@ def _shape_mismatch(path: Path, config) -> str | None:
     return None
 
 
-def _load_sparse(path: Path, config, sparsity: Mapping[str, Any], dtype: torch.dtype) -> nn.Module:
-    """Build the model, swap the listed Linear layers for empty SparseLinear, then load weights."""
-    from safetensors.torch import load_file
-
-    module = _from_config(config, dtype)
-    prepare_sparse(module, dict(sparsity))
-    state: dict[str, torch.Tensor] = {}
-    for f in _weight_files(path):
-        state.update(load_file(str(f)))
-    _load_state(module, state, str(path))
-    return module
-
-
 def _load_state(module: nn.Module, state: Mapping[str, torch.Tensor], origin: str) -> None:
     """load_state_dict that accepts only tied weights as missing and reports mismatches in one line."""
     try:
@@ -305,18 +331,21 @@ def _load_state(module: nn.Module, state: Mapping[str, torch.Tensor], origin: st
 
 
 @contextlib.contextmanager
-def _quiet_config_log():
-    """AutoTokenizer also reads config.json; for a per-layer (slimc_llama) checkpoint transformers then
-    warns that the model type is not the (empty) one it expected, which says nothing about tokenizers."""
+def _quiet_log(name: str = "transformers.configuration_utils"):
+    """Silence one transformers logger below ERROR for the duration.
+
+    Its default use: AutoTokenizer also reads config.json; for a slimc checkpoint (slimc_resized,
+    slimc_llama) transformers then warns that the model type is not the (empty) one it expected, which
+    says nothing about tokenizers."""
     import logging
 
-    config_log = logging.getLogger("transformers.configuration_utils")
-    level = config_log.level
-    config_log.setLevel(logging.ERROR)
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        config_log.setLevel(level)
+        log.setLevel(level)
 
 
 def _tokenizer(path: Path, **kwargs: Any):
@@ -327,7 +356,7 @@ def _tokenizer(path: Path, **kwargs: Any):
     try:
         # never run code from the checkpoint: a per-layer config's auto_map would otherwise make
         # transformers ask on stdin whether to trust it
-        with _quiet_config_log():
+        with _quiet_log():
             return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as e:
         warnings.warn(f"{path}: tokenizer not loaded ({_first_line(e)}); continuing without one")

@@ -119,9 +119,11 @@ def test_per_layer_checkpoint_goes_through_the_cli(tmp_path):
     r = compress(tmp_path / "pruned", "--recipe", "magnitude-20", "-o", tmp_path / "out")
     assert r.exit_code == 0, r.output
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert cfg["model_type"] == "slimc_llama"
-    assert [s["intermediate_size"] for s in cfg["slimc_layers"]] == [77, 77, 69]  # 86 - floor(0.2 * 86) = 69
-    assert [s["num_key_value_heads"] for s in cfg["slimc_layers"]] == [1, 2, 2]
+    assert cfg["model_type"] == "slimc_resized"
+    shapes = cfg["slimc_resize"]["shapes"]
+    assert [shapes[f"model.layers.{i}.mlp.down_proj.weight"][1] for i in range(3)] == [77, 77, 69]  # 86 - floor(0.2 * 86) = 69
+    assert shapes["model.layers.0.self_attn.k_proj.weight"][0] == cfg["base_config"]["head_dim"]  # 1 of 2 KV heads left
+    assert "model.layers.1.self_attn.k_proj.weight" not in shapes
     ours = load(tmp_path / "out")
     remote = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
     ids = torch.randint(0, 128, (1, 6))
