@@ -27,8 +27,9 @@ from slimc.compiler.calibration.stats import collect_input_stats
 from slimc.compiler.model import Model
 from slimc.compiler.pipeline.recipes import load_recipe, shipped_recipes
 from slimc.compiler.surgery import apply_plan
-from slimc.passes._compensation import sequential_lsq
 from slimc.passes.flap import FlapConfig, compensate, flap_targets, plan_flap
+from slimc.passes.structured.sequential import sequential_lsq
+from slimc.passes.structured.units import decoder_units
 
 VARIANTS = {
     "flap": dict(metric="wifv", structure="AL-AM", compensation="mean"),  # replaced by recipe flap-<p> where shipped
@@ -135,7 +136,7 @@ def main() -> None:
                 cfg = FlapConfig(**variant_options(name, p), samples=args.samples, seq_len=args.seq_len, seed=0)
                 fp = plan_flap(m, tokens, cfg, stats)
                 if cfg.compensation == "lsq-seq":
-                    sequential_lsq(m.module, decoder_layers(m), fp.plan, tokens, ridge=cfg.lsq_ridge)
+                    sequential_lsq(m.module, decoder_units(m), fp.removed, tokens, ridge=cfg.lsq_ridge)
                 else:
                     compensate(m.module, fp.compensations)
                     apply_plan(m.module, fp.plan)

@@ -138,3 +138,31 @@ def parameter_counts(model: Model) -> dict[str, int]:
                 attn_mlp += sum(p.numel() for p in model.module.get_submodule(path).parameters())
         out["attention_mlp"] = attn_mlp
     return out
+
+
+@torch.no_grad()
+def mean_kl(reference: Model, model: Model, tokens: torch.LongTensor, batch_size: int = 8) -> float:
+    """Token-mean KL(P_reference || Q_model) of the next-token distributions over `tokens` ([n, seq_len]).
+
+    Both PyTorch models run in eval mode on the same windows, a batch at a time (peak memory: two
+    batches of logits).
+    """
+    if reference.module is None or model.module is None:
+        raise SlimcError("mean_kl compares two PyTorch models")
+    total, count = 0.0, 0
+    states = [(m.module, m.module.training) for m in (reference, model)]
+    for m, _ in states:
+        m.eval()
+    try:
+        for i in range(0, tokens.shape[0], batch_size):
+            logp = []
+            for m, _ in states:
+                ids = tokens[i : i + batch_size].to(next(m.parameters()).device)
+                logp.append(F.log_softmax(m(input_ids=ids, use_cache=False).logits.float(), dim=-1).cpu())
+            p_log, q_log = logp
+            total += float((p_log.exp() * (p_log - q_log)).sum(-1).double().sum())
+            count += p_log.shape[0] * p_log.shape[1]
+    finally:
+        for m, was in states:
+            m.train(was)
+    return total / count

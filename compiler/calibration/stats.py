@@ -1,11 +1,16 @@
-"""Input statistics of named modules over calibration tokens, collected layer by layer.
+"""Statistics over calibration tokens, collected layer by layer in one pass.
 
     stats = collect_input_stats(model, tokens, ["model.layers.3.mlp.down_proj", ...], gram=True)
     stats[name].mean / .var / .sqnorm / .gram / .count
+    layer = collect_layer_stats(model, tokens, names, block_angles=True)
+    layer.inputs[name]; layer.block_angle[i]    # mean arccos(cos(h_in, h_out)) / pi of decoder layer i
 
 Decoder layers run one at a time on cached hidden states (`layerwise.DecoderStream`); modules
 outside the decoder layers (an lm_head) are measured in one ordinary forward. Per batch, sums are
 taken in float32 around a per-channel shift and accumulated in float64 (`MomentAccumulator`).
+Block angles compare each token's hidden state entering and leaving a decoder layer; the cosine
+is clamped to [-1, 1] before arccos, since tokens with huge activations pass some layers nearly
+unchanged and round to a cosine just above 1 (NaN otherwise).
 """
 
 from __future__ import annotations
@@ -92,7 +97,22 @@ def feed(accs: dict[str, MomentAccumulator]):
     return lambda name, x: accs[name].add(x)
 
 
-@torch.no_grad()
+@dataclass
+class LayerStats:
+    """What one layer-by-layer pass measured: module inputs and, on request, block angles."""
+
+    inputs: dict[str, InputStats]
+    block_angle: list[float] | None = None  # per decoder layer, mean over tokens of arccos(cos)/pi
+
+
+def token_angles(h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
+    """arccos(cos(h_in, h_out)) / pi per token (float64), the cosine clamped to [-1, 1]."""
+    a = h_in.reshape(-1, h_in.shape[-1]).double()
+    b = h_out.reshape(-1, h_out.shape[-1]).double()
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12).clamp(-1.0, 1.0)
+    return torch.arccos(cos) / torch.pi
+
+
 def collect_input_stats(
     model: Model | nn.Module,
     tokens: torch.LongTensor,
@@ -105,6 +125,21 @@ def collect_input_stats(
 
     Layers after the last requested one are never run.
     """
+    return collect_layer_stats(model, tokens, modules, gram=gram, batch_size=batch_size).inputs
+
+
+@torch.no_grad()
+def collect_layer_stats(
+    model: Model | nn.Module,
+    tokens: torch.LongTensor,
+    modules: list[str],
+    *,
+    gram: bool = False,
+    block_angles: bool = False,
+    batch_size: int = 8,
+) -> LayerStats:
+    """Input statistics of the named modules and, with `block_angles`, every decoder layer's mean
+    angular distance between its input and output hidden states, from one layer-by-layer pass."""
     module = model.module if isinstance(model, Model) else model
     if module is None:
         raise SlimcError("collect_input_stats needs a PyTorch model (this one was loaded from ONNX)")
@@ -128,14 +163,19 @@ def collect_input_stats(
             with input_hooks(module, outside, feed(accs)):
                 for ids in token_batches(module, tokens, batch_size):
                     module(input_ids=ids, use_cache=False)
-        if in_layer:
+        angles: list[float] | None = None
+        if in_layer or block_angles:
             stream = DecoderStream.capture(module, tokens, batch_size)
-            last = max(in_layer)
+            last = len(stream.layers) - 1 if block_angles else max(in_layer)
+            angles = [] if block_angles else None
             for i in range(last + 1):
                 with input_hooks(module, in_layer.get(i, []), feed(accs)):
                     outputs = stream.run(i)
+                if angles is not None:
+                    per_token = torch.cat([token_angles(h, o) for h, o in zip(stream.hidden, outputs)])
+                    angles.append(float(per_token.mean()))
                 if i < last:
                     stream.advance(i, outputs)
     finally:
         module.train(was_training)
-    return {name: accs[name].result() for name in modules}
+    return LayerStats({name: accs[name].result() for name in modules}, angles)

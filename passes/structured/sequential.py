@@ -3,7 +3,7 @@
 FLAP's mean bias (and `lsq` on dense statistics) assume a pruned layer sees the dense model's
 inputs; after the first pruned layer it does not, and errors add up along the residual stream.
 `sequential_lsq` walks the decoder once with two streams of hidden states — the dense model's and
-the pruned model's — and, layer by layer, refits o_proj and then down_proj so that, on the
+the pruned model's — and, layer by layer, refits the attention's and then the MLP's output projection (o_proj, down_proj) so that, on the
 calibration tokens, W' z + b best matches the dense W x (z: kept inputs computed by the already
 pruned prefix, x: the dense inputs), then removes the layer's pruned units and moves on. Peak
 memory: the two streams plus one layer's dense down_proj inputs.
@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from slimc.compiler.calibration.layerwise import DecoderStream, input_hooks
-from slimc.compiler.groups import Group
 from slimc.compiler.surgery import apply_plan
-from slimc.passes import _flap_math as fm
+from slimc.passes.structured import compensation as fm
+from slimc.passes.structured.units import Units
 
 
 class CrossMoments:
@@ -55,59 +55,48 @@ def _refit(linear: nn.Linear, moments: CrossMoments, kept: torch.Tensor, ridge: 
             linear.bias.copy_(bias)  # b already includes what the old bias contributed via W x
 
 
-def _kept_columns(group: Group, linear_param: str, removed_units: torch.Tensor, width: int) -> torch.Tensor:
-    index = next(s.index for s in group.slices if s.param == linear_param and s.axis == 1)
+def _kept_columns(units: Units, removed_units: torch.Tensor, width: int) -> torch.Tensor:
     keep = torch.ones(width, dtype=torch.bool)
-    keep[index[removed_units].reshape(-1)] = False
+    keep[units.out_index[removed_units].reshape(-1)] = False
     return keep.nonzero().squeeze(1)
 
 
 @torch.no_grad()
 def sequential_lsq(
     module: nn.Module,
-    views: list,
-    plan: dict,
+    layers: list[tuple[Units, Units]],
+    removed: dict[str, torch.Tensor],
     tokens: torch.LongTensor,
     *,
     ridge: float,
     batch_size: int = 8,
 ) -> None:
-    """Prune `module` by `plan` layer by layer, refitting each o_proj and down_proj (see module doc).
+    """Prune `module` layer by layer, refitting each layer's output projections (see module doc).
 
-    `views` are `compiler.analysis.llm.decoder_layers` of the unpruned module; `plan` maps groups to
-    removed units and is matched to the views by group name.
+    `layers` are `structured.units.decoder_units` of the unpruned module (attention, MLP per layer);
+    `removed` maps each group's name to the units to remove.
     """
     was_training = module.training
     module.eval()
     dense = DecoderStream.capture(module, tokens, batch_size)
     pruned = dense.fork()
-    by_name = {g.name: (g, idx) for g, idx in plan.items()}
     try:
-        for v in views:
-            i = v.index
-            attn = module.get_submodule(v.attn)
-            mlp = module.get_submodule(v.mlp)
-            (a_group, a_rm), (m_group, m_rm) = by_name[v.kv_group.name], by_name[v.mlp_neuron.name]
-            a_kept = _kept_columns(v.kv_group, f"{v.attn}.o_proj.weight", a_rm, attn.o_proj.weight.shape[1])
-            m_kept = _kept_columns(v.mlp_neuron, f"{v.mlp}.down_proj.weight", m_rm, mlp.down_proj.weight.shape[1])
-            # 1. dense stream through the dense layer: o_proj / down_proj inputs and the next hidden states
-            inputs: dict[str, list[torch.Tensor]] = {"o": [], "d": []}
-            names = {f"{v.attn}.o_proj": "o", f"{v.mlp}.down_proj": "d"}
-            with input_hooks(module, list(names), lambda name, x: inputs[names[name]].append(x.detach())):
+        for pair in layers:
+            i = pair[0].layer
+            projs = [module.get_submodule(u.out_proj) for u in pair]
+            kept = [_kept_columns(u, removed[u.group.name], proj.weight.shape[1]) for u, proj in zip(pair, projs)]
+            # 1. dense stream through the dense layer: the projections' inputs and the next hidden states
+            inputs: dict[str, list[torch.Tensor]] = {u.out_proj: [] for u in pair}
+            with input_hooks(module, list(inputs), lambda name, x: inputs[name].append(x.detach())):
                 dense_next = dense.run(i)
-            # 2. o_proj: fit on the pruned stream's kept attention channels, then drop the KV groups
-            cm = CrossMoments()
-            for b, x in enumerate(inputs.pop("o")):
-                cm.add(x, pruned.run_until(i, attn.o_proj, b)[..., a_kept])
-            _refit(attn.o_proj, cm, a_kept, ridge)
-            apply_plan(module, {a_group: a_rm})
-            # 3. down_proj: same, with the attention already pruned
-            cm = CrossMoments()
-            for b, x in enumerate(inputs.pop("d")):
-                cm.add(x, pruned.run_until(i, mlp.down_proj, b)[..., m_kept])
-            _refit(mlp.down_proj, cm, m_kept, ridge)
-            apply_plan(module, {m_group: m_rm})
-            # 4. advance both streams
+            # 2. attention, then MLP: fit on the pruned stream's kept channels, then drop the units
+            for u, proj, k in zip(pair, projs, kept):
+                cm = CrossMoments()
+                for b, x in enumerate(inputs.pop(u.out_proj)):
+                    cm.add(x, pruned.run_until(i, proj, b)[..., k])
+                _refit(proj, cm, k, ridge)
+                apply_plan(module, {u.group: removed[u.group.name]})
+            # 3. advance both streams
             pruned.advance(i)
             dense.advance(i, dense_next)
     finally:

@@ -14,8 +14,10 @@ from slimc.compiler.pipeline.passes import PassContext
 from slimc.compiler.pipeline.recipes import load_recipe
 from slimc.compiler.surgery import apply_plan, mask_plan
 from slimc.errors import SlimcError
-from slimc.passes import _flap_math as fm
 from slimc.passes.flap import Flap, FlapConfig, compensate, plan_flap
+from slimc.passes.structured import allocators as al
+from slimc.passes.structured import compensation as comp
+from slimc.passes.structured import criteria as cr
 
 
 def tiny_llama(layers: int = 3, kv: int = 2, heads: int = 4, head_dim: int = 16, hidden: int = 32, inter: int = 48, seed: int = 0) -> Model:
@@ -27,6 +29,16 @@ def tiny_llama(layers: int = 3, kv: int = 2, heads: int = 4, head_dim: int = 16,
 
 def calib(n: int = 16, seq: int = 12, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 64, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def kv_group_cost(group_size: int, head_dim: int, hidden: int) -> int:
+    """Weights of one KV group by hand: G q heads + 1 k + 1 v head (rows) and G heads of o_proj (columns)."""
+    return (2 * group_size + 2) * head_dim * hidden
+
+
+def neuron_cost(hidden: int) -> int:
+    """Weights of one gated-MLP neuron by hand: a gate row, an up row and a down column."""
+    return 3 * hidden
 
 
 def attn_mlp_params(model: Model) -> int:
@@ -41,64 +53,64 @@ def test_metrics_on_a_hand_example():
     w = torch.tensor([[1.0, -2.0, 0.0], [3.0, 0.0, -1.0]])
     var = torch.tensor([0.5, 2.0, 4.0])
     ms = torch.tensor([4.0, 9.0, 16.0])
-    torch.testing.assert_close(fm.channel_scores("ifv", w, var, ms), var.double())
-    torch.testing.assert_close(fm.channel_scores("wifv", w, var, ms), torch.tensor([5.0, 8.0, 4.0], dtype=torch.float64))
-    torch.testing.assert_close(fm.channel_scores("wifn", w, var, ms), torch.tensor([2.0 * 2, 1.0 * 3, 0.5 * 4], dtype=torch.float64))
+    torch.testing.assert_close(cr.flap_channel_scores("ifv", w, var, ms), var.double())
+    torch.testing.assert_close(cr.flap_channel_scores("wifv", w, var, ms), torch.tensor([5.0, 8.0, 4.0], dtype=torch.float64))
+    torch.testing.assert_close(cr.flap_channel_scores("wifn", w, var, ms), torch.tensor([2.0 * 2, 1.0 * 3, 0.5 * 4], dtype=torch.float64))
     with pytest.raises(ValueError):
-        fm.channel_scores("l2", w, var, ms)
+        cr.flap_channel_scores("l2", w, var, ms)
 
 
 def test_standardize_and_unit_scores():
-    z = fm.standardize(torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64))
+    z = cr.standardize(torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64))
     assert abs(float(z.mean())) < 1e-12 and abs(float(z.std()) - 1.0) < 1e-12
-    assert torch.equal(fm.standardize(torch.ones(4)), torch.zeros(4))
+    assert torch.equal(cr.standardize(torch.ones(4)), torch.zeros(4))
     # unit score = mean of its channels' scores, not squared (reference issue #6)
     s = torch.tensor([-1.0, -3.0, 2.0, 4.0])
-    torch.testing.assert_close(fm.unit_scores(s, torch.tensor([[0, 1], [2, 3]])), torch.tensor([-2.0, 3.0]))
+    torch.testing.assert_close(cr.unit_mean(s, torch.tensor([[0, 1], [2, 3]])), torch.tensor([-2.0, 3.0]))
 
 
 def test_select_global_weighs_units_by_cost_and_keeps_the_floor():
     # one expensive unit (cost 10) with a middling score, cheap units (cost 1) around it
-    big = fm.UnitSet(0, "attn", torch.tensor([0.5, -5.0]), cost=10, min_keep=1)
-    small = fm.UnitSet(0, "mlp", torch.tensor([1.0, 0.9, 0.1, -1.0, -2.0]), cost=1, min_keep=1)
-    a, m = fm.select_global([big, small], keep_cost=13)
+    big = al.UnitSet(0, "attn", torch.tensor([0.5, -5.0]), cost=10, min_keep=1)
+    small = al.UnitSet(0, "mlp", torch.tensor([1.0, 0.9, 0.1, -1.0, -2.0]), cost=1, min_keep=1)
+    a, m = al.select_global([big, small], keep_cost=13)
     assert a.tolist() == [True, False]
     assert m.tolist() == [True, True, True, False, False]  # 10 + 3 = 13
     # floor: a set whose units all score low still keeps min_keep
-    low = fm.UnitSet(1, "attn", torch.tensor([-9.0, -8.0]), cost=10, min_keep=1)
-    masks = fm.select_global([low, small], keep_cost=2)
+    low = al.UnitSet(1, "attn", torch.tensor([-9.0, -8.0]), cost=10, min_keep=1)
+    masks = al.select_global([low, small], keep_cost=2)
     assert masks[0].tolist() == [False, True]
     assert int(masks[0].sum()) * 10 + int(masks[1].sum()) >= 10
 
 
 def test_allocate_structures():
-    attn = [fm.UnitSet(i, "attn", torch.tensor([float(i), -float(i)]), cost=6) for i in range(2)]
-    mlp = [fm.UnitSet(i, "mlp", torch.arange(12, dtype=torch.float64) * (1 + i), cost=1) for i in range(2)]
-    a, m = fm.allocate(attn, mlp, 0.5, "UL-UM")
+    attn = [al.UnitSet(i, "attn", torch.tensor([float(i), -float(i)]), cost=6) for i in range(2)]
+    mlp = [al.UnitSet(i, "mlp", torch.arange(12, dtype=torch.float64) * (1 + i), cost=1) for i in range(2)]
+    a, m = al.allocate(attn, mlp, 0.5, "UL-UM")
     assert [int(x.sum()) for x in a] == [1, 1] and [int(x.sum()) for x in m] == [6, 6]
     assert m[0][6:].all() and not m[0][:6].any()  # top-k by score
-    a, m = fm.allocate(attn, mlp, 0.5, "AL-AM")
+    a, m = al.allocate(attn, mlp, 0.5, "AL-AM")
     kept = sum(int(x.sum()) * 6 for x in a) + sum(int(x.sum()) for x in m)
     assert abs(kept - 24) <= 6  # within one unit's cost of (1 - p) * 48
     # manual module ratio: attention keeps all, MLP carries the whole cut
-    a, m = fm.allocate(attn, mlp, 0.25, "AL-MM", attn_sparsity=0.0)
+    a, m = al.allocate(attn, mlp, 0.25, "AL-MM", attn_sparsity=0.0)
     assert all(x.all() for x in a) and sum(int(x.sum()) for x in m) == 12
     with pytest.raises(ValueError, match="cannot reach"):
-        fm.allocate(attn, mlp, 0.9, "UL-MM", attn_sparsity=0.0)
+        al.allocate(attn, mlp, 0.9, "UL-MM", attn_sparsity=0.0)
 
 
 def test_round_keep():
     scores = torch.arange(20, dtype=torch.float64)
     mask = torch.zeros(20, dtype=torch.bool)
     mask[[19, 18, 17, 16, 15, 3]] = True  # 6 kept -> rounds to 8, adding the best removed
-    (r,) = fm.round_keep([mask], [scores], 8)
+    (r,) = al.round_keep([mask], [scores], 8)
     assert int(r.sum()) == 8 and r[[14, 13]].all() and r[3]
     mask2 = torch.zeros(20, dtype=torch.bool)
     mask2[[19, 18, 17]] = True  # 3 -> at least one multiple
-    assert int(fm.round_keep([mask2], [scores], 8)[0].sum()) == 8
-    assert torch.equal(fm.round_keep([mask], [scores], 1)[0], mask)
+    assert int(al.round_keep([mask2], [scores], 8)[0].sum()) == 8
+    assert torch.equal(al.round_keep([mask], [scores], 1)[0], mask)
     full = torch.ones(20, dtype=torch.bool)  # all kept stays all kept, even off a multiple
-    assert int(fm.round_keep([full], [scores], 8)[0].sum()) == 20
+    assert int(al.round_keep([full], [scores], 8)[0].sum()) == 20
 
 
 def test_round_keep_pooled_keeps_total_and_rounds_up_the_best():
@@ -106,10 +118,10 @@ def test_round_keep_pooled_keeps_total_and_rounds_up_the_best():
     # and the one whose next units score higher is the one rounded up
     a = torch.linspace(0.0, 1.0, 32, dtype=torch.float64)
     b = torch.linspace(0.0, 2.0, 32, dtype=torch.float64)
-    masks = [fm.top_k_mask(a, 12), fm.top_k_mask(b, 12)]
-    ra, rb = fm.round_keep(masks, [a, b], 8)
+    masks = [al.top_k_mask(a, 12), al.top_k_mask(b, 12)]
+    ra, rb = al.round_keep(masks, [a, b], 8)
     assert (int(ra.sum()), int(rb.sum())) == (8, 16)
-    assert torch.equal(ra, fm.top_k_mask(a, 8)) and torch.equal(rb, fm.top_k_mask(b, 16))
+    assert torch.equal(ra, al.top_k_mask(a, 8)) and torch.equal(rb, al.top_k_mask(b, 16))
 
 
 def test_mean_bias_identity_on_random_data():
@@ -118,7 +130,7 @@ def test_mean_bias_identity_on_random_data():
     w = torch.randn(4, 10, generator=g, dtype=torch.float64)
     removed = torch.tensor([1, 4, 7])
     kept = torch.tensor([0, 2, 3, 5, 6, 8, 9])
-    b = fm.mean_bias(w, x.mean(0), removed)
+    b = comp.mean_bias(w, x.mean(0), removed)
     torch.testing.assert_close((x[:, kept] @ w[:, kept].T + b).mean(0), (x @ w.T).mean(0), rtol=1e-10, atol=1e-10)
 
 
@@ -131,10 +143,10 @@ def test_lsq_compensation_keeps_the_mean_and_reconstructs_better():
     removed, kept = torch.tensor([0, 3, 5]), torch.tensor([1, 2, 4, 6, 7, 8, 9])
     mu = x.mean(0)
     cov = (x - mu).T @ (x - mu) / x.shape[0]
-    w_k, b = fm.lsq_compensation(w, mu, cov, kept, removed, ridge=1e-6)
+    w_k, b = comp.lsq_compensation(w, mu, cov, kept, removed, ridge=1e-6)
     y = x @ w.T
     y_lsq = x[:, kept] @ w_k.T + b
-    y_mean = x[:, kept] @ w[:, kept].T + fm.mean_bias(w, mu, removed)
+    y_mean = x[:, kept] @ w[:, kept].T + comp.mean_bias(w, mu, removed)
     torch.testing.assert_close(y_lsq.mean(0), y.mean(0), rtol=1e-9, atol=1e-9)
     err_lsq = ((y_lsq - y) ** 2).mean()
     err_mean = ((y_mean - y) ** 2).mean()
@@ -148,8 +160,8 @@ def test_lsq_cross_with_dense_inputs_equals_lsq():
     kept, removed = torch.tensor([0, 2, 3, 6]), torch.tensor([1, 4, 5, 7])
     mu = x.mean(0)
     cov = (x - mu).T @ (x - mu) / x.shape[0]
-    w1, b1 = fm.lsq_compensation(w, mu, cov, kept, removed, ridge=1e-3)
-    w2, b2 = fm.lsq_cross(w, kept, mu, mu[kept], cov[:, kept], cov[kept][:, kept], ridge=1e-3)
+    w1, b1 = comp.lsq_compensation(w, mu, cov, kept, removed, ridge=1e-3)
+    w2, b2 = comp.lsq_cross(w, kept, mu, mu[kept], cov[:, kept], cov[kept][:, kept], ridge=1e-3)
     torch.testing.assert_close(w2, w1, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(b2, b1, rtol=1e-9, atol=1e-9)
 
@@ -165,7 +177,7 @@ def _meta_llama(**cfg) -> Model:
 
 
 @pytest.mark.parametrize(
-    "cfg, kv_cost, neuron_cost",
+    "cfg, kv_cost, mlp_cost",
     [
         # SmolLM2-135M: 9 q heads over 3 KV heads (G=3), head_dim 64, hidden 576 -> (2*3+2)*64*576
         (dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=9, num_key_value_heads=3, head_dim=64), 294_912, 1_728),
@@ -173,13 +185,13 @@ def _meta_llama(**cfg) -> Model:
         (dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=8, head_dim=128), 5_242_880, 12_288),
     ],
 )
-def test_gqa_unit_costs_match_hand_computed_values(cfg, kv_cost, neuron_cost):
+def test_gqa_unit_costs_match_hand_computed_values(cfg, kv_cost, mlp_cost):
     model = _meta_llama(vocab_size=128, **cfg)
     view = decoder_layers(model)[0]
     shapes = model.state_shapes()
     assert view.kv_group.numel_per_channel(shapes) == kv_cost
-    assert fm.kv_group_cost(view.group_size, view.head_dim, cfg["hidden_size"]) == kv_cost
-    assert view.mlp_neuron.numel_per_channel(shapes) == neuron_cost == fm.neuron_cost(cfg["hidden_size"])
+    assert kv_group_cost(view.group_size, view.head_dim, cfg["hidden_size"]) == kv_cost
+    assert view.mlp_neuron.numel_per_channel(shapes) == mlp_cost == neuron_cost(cfg["hidden_size"])
 
 
 # ---- the pass on tiny models ----------------------------------------------------------------------
@@ -192,7 +204,7 @@ def test_achieved_fraction_hits_target_within_one_unit(sparsity, structure):
     before = attn_mlp_params(model)
     res = Flap(sparsity=sparsity, structure=structure)(model, PassContext(calibration=calib()))
     after = attn_mlp_params(model)
-    unit = max(fm.kv_group_cost(2, 8, 32), fm.neuron_cost(32))
+    unit = max(kv_group_cost(2, 8, 32), neuron_cost(32))
     assert abs((before - after) - sparsity * before) <= unit, (before, after)
     assert res.stats["sparsity"] == pytest.approx((before - after) / before)
     assert res.modified
@@ -242,12 +254,12 @@ def test_better_compensation_tracks_the_dense_model_closer():
     with torch.no_grad():
         ref = dense.module(held).logits
     err = {}
-    for comp in ("mean", "lsq", "lsq-seq"):
+    for mode in ("mean", "lsq", "lsq-seq"):
         m = dense.clone()
-        res = Flap(sparsity=0.5, compensation=comp, lsq_ridge=1e-3)(m, PassContext(calibration=tokens))
-        assert res.stats["params_removed"] == pytest.approx(0.5 * attn_mlp_params(dense), abs=fm.kv_group_cost(2, 8, 32))
+        res = Flap(sparsity=0.5, compensation=mode, lsq_ridge=1e-3)(m, PassContext(calibration=tokens))
+        assert res.stats["params_removed"] == pytest.approx(0.5 * attn_mlp_params(dense), abs=kv_group_cost(2, 8, 32))
         with torch.no_grad():
-            err[comp] = float(((m.module(held).logits - ref) ** 2).mean())
+            err[mode] = float(((m.module(held).logits - ref) ** 2).mean())
     # measured: mean 3.7e-3, lsq 1.2e-3, lsq-seq 1.0e-3
     assert err["lsq-seq"] < err["lsq"] < 0.5 * err["mean"], err
 
@@ -267,20 +279,20 @@ def test_floor_and_rounding():
 
 def test_square_attn_squares_attention_channel_scores_only():
     from slimc.compiler.calibration.stats import collect_input_stats
-    from slimc.passes.flap import flap_targets, unit_sets
+    from slimc.passes.flap import flap_targets
+    from slimc.passes.structured.units import decoder_units
 
     model = tiny_llama()
     stats = collect_input_stats(model, calib(), flap_targets(model))
-    views = decoder_layers(model)
-    sq_attn, sq_mlp = unit_sets(model.module, views, stats, FlapConfig(square_attn=True))
-    pl_attn, pl_mlp = unit_sets(model.module, views, stats, FlapConfig(square_attn=False))
-    assert all(torch.equal(a.scores, b.scores) for a, b in zip(sq_mlp, pl_mlp))
-    v = views[0]
-    path = f"{v.attn}.o_proj"
-    ch = fm.channel_scores("wifv", model.module.get_submodule(path).weight, stats[path].var, stats[path].sqnorm / stats[path].count)
-    index = next(s.index for s in v.kv_group.slices if s.param == f"{path}.weight" and s.axis == 1)
-    assert torch.allclose(sq_attn[0].scores, fm.unit_scores(fm.standardize(ch * ch), index))
-    assert torch.allclose(pl_attn[0].scores, fm.unit_scores(fm.standardize(ch), index))
+    tensors = dict(model.module.named_parameters())
+    crit = cr.CRITERIA["flap-wifv"]
+    (attn, mlp), *_ = decoder_units(model)
+    sq, plain = (cr.ScoreInputs(tensors, stats, options={"square_attn": s}) for s in (True, False))
+    assert torch.equal(crit.fn(mlp, sq), crit.fn(mlp, plain))
+    path = attn.out_proj
+    ch = cr.flap_channel_scores("wifv", model.module.get_submodule(path).weight, stats[path].var, stats[path].sqnorm / stats[path].count)
+    assert torch.allclose(crit.fn(attn, sq), cr.unit_mean(cr.standardize(ch * ch), attn.out_index))
+    assert torch.allclose(crit.fn(attn, plain), cr.unit_mean(cr.standardize(ch), attn.out_index))
     assert FlapConfig().square_attn  # the reference code's behaviour is the default
 
 
