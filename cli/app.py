@@ -206,34 +206,55 @@ def recipes_command(debug: bool = typer.Option(False, "--debug", help="show trac
 
 
 def llm_summary(model: Any) -> dict[str, Any]:
-    """Architecture numbers of a decoder LLM, read from its weights."""
+    """Architecture numbers of a decoder LLM, read from its weights, and its pruning units.
+
+    The units are the ones every LLM structured-pruning pass uses (`passes.structured.units.
+    decoder_units`): per layer, the attention units (KV groups / heads) and MLP units (neurons,
+    expert neurons), each prunable with its cost, and what is left whole with the reason (an MQA
+    model's single KV head, a fused QKV the analysis cannot cut, ...).
+    """
     from torch import nn
 
-    from slimc.compiler.analysis.llm import decoder_layers
+    from slimc.errors import SlimcError
+    from slimc.passes.structured.units import decoder_units
 
-    views = decoder_layers(model)
-    linear = sum(m.in_features * m.out_features for m in model.module.modules() if isinstance(m, nn.Linear))
     cfg = model.config
-    attn = sum(2 * 2 * v.num_heads * v.head_dim for v in views)  # QK^T and AV per token per context position
+    linear = sum(m.in_features * m.out_features for m in model.module.modules() if isinstance(m, nn.Linear))
+    linear += sum(m.weight.numel() for m in model.module.modules() if type(m).__name__ == "Conv1D" and hasattr(m, "nf"))
     emb, head = model.module.get_input_embeddings(), model.module.get_output_embeddings()
-    return {
-        "layers": len(views),
+    info: dict[str, Any] = {
         "hidden_size": int(cfg.hidden_size),
         "vocab_size": int(cfg.vocab_size),
-        "head_dim": views[0].head_dim if views else None,
         "tied_embeddings": emb is not None and head is not None and emb.weight is head.weight,
         "flops_per_token": 2 * linear,
-        "attention_flops_per_token_per_context_position": attn,
-        "per_layer": [
-            {"layer": v.index, "query_heads": v.num_heads, "kv_heads": v.num_kv_heads, "group_size": v.group_size,
-             "mlp_neurons": v.intermediate_size}
-            for v in views
-        ],
-        "groups": [
-            {"name": g.name, "role": g.role, "layer": g.layer, "size": g.size, "prunable": g.prunable}
-            for v in views for g in (v.kv_group, v.mlp_neuron)
-        ],
     }
+    try:
+        found = decoder_units(model, strict=False)
+    except SlimcError as exc:  # still show what can be read without the units
+        info["units_error"] = str(exc)
+        return info
+    views = found.groups
+    info["layers"] = len(views)
+    info["head_dim"] = views[0].head_dim if views else None
+    # QK^T and AV per token per context position
+    info["attention_flops_per_token_per_context_position"] = sum(
+        2 * 2 * v.query_heads * v.head_dim for v in views if v.query_heads and v.head_dim)
+    info["per_layer"] = [
+        {"layer": v.index, "query_heads": v.query_heads, "kv_heads": v.kv_heads,
+         "group_size": v.query_heads // v.kv_heads if v.query_heads and v.kv_heads else None,
+         "mlp_neurons": sum(g.size for g in v.mlp) if v.mlp else None}
+        for v in views
+    ]
+    groups = []
+    for units in found:
+        for u in units:
+            groups.append({"name": u.group.name, "role": u.group.role, "layer": u.layer, "size": u.size, "prunable": True,
+                           "cost": u.cost, "output_projection": u.out_proj, "reason": ""})
+    for w in found.whole:
+        groups.append({"name": w["name"], "role": w["role"], "layer": w["layer"], "size": w["size"], "prunable": False,
+                       "reason": w["reason"]})
+    info["groups"] = sorted(groups, key=lambda g: (g["layer"], not g["prunable"]))
+    return info
 
 
 def generic_groups(model: Any) -> list[dict[str, Any]] | None:
@@ -297,8 +318,17 @@ def inspect_command(
             for col in ("layer", "query heads", "KV heads (groups)", "q heads per group", "MLP neurons"):
                 t.add_column(col, justify="right")
             for r in info["per_layer"]:
-                t.add_row(*(str(r[k]) for k in ("layer", "query_heads", "kv_heads", "group_size", "mlp_neurons")))
+                t.add_row(*("-" if r[k] is None else str(r[k]) for k in ("layer", "query_heads", "kv_heads", "group_size", "mlp_neurons")))
             console.print(t)
+            t = Table(title="units (what the LLM structured-pruning passes can remove)")
+            for col in ("layer", "group", "role", "size", "params / unit", "prunable"):
+                t.add_column(col)
+            for g in info.get("groups") or []:
+                t.add_row(str(g["layer"]), g["name"], g["role"], "-" if g["size"] is None else str(g["size"]),
+                          str(g.get("cost", "-")), "yes" if g["prunable"] else f"no: {g.get('reason', '')}")
+            console.print(t)
+        elif info.get("units_error"):
+            console.print(f"units: {info['units_error']}")
         elif info.get("groups"):
             t = Table(title="prunable groups")
             for col in ("group", "role", "size", "prunable"):

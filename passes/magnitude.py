@@ -1,12 +1,15 @@
 """`magnitude`: remove the same fraction of MLP neurons in every decoder layer, by weight norm.
 
-A data-free baseline. For each layer, neuron j's score is the L2 norm of its gate row, up row and
-down column together (`_magnitude_math.neuron_norms`):
+A data-free baseline. For each layer's MLP units (`structured.units.decoder_units`: gated or plain
+MLP neurons, a shared expert's neurons, MoE expert neurons), neuron j's score is the L2 norm of
+every weight it owns (`_group_magnitude_math.group_channel_norms`); for a gated MLP:
 
     s_j = sqrt(||W_gate[j, :]||^2 + ||W_up[j, :]||^2 + ||W_down[:, j]||^2)
 
 and the floor(sparsity * I) lowest-scoring neurons are removed with `compiler.surgery.apply_plan` on
-the layer's `mlp.neuron` group. Attention is untouched.
+the unit group, the kept width rounded up to `multiple_of` and to the group's own multiple (expert
+neurons: grouped_mm's 16-byte strides). Attention is untouched. A layer whose MLP the analysis
+cannot map is left whole and listed in `stats["left_whole"]`.
 
 Recipe:
 
@@ -17,14 +20,19 @@ Recipe:
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 from pydantic import Field
 
-from slimc.compiler.analysis.llm import decoder_layers
+from slimc.compiler.groups import Group
 from slimc.compiler.model import Model
 from slimc.compiler.pipeline.passes import NEEDS_DECODER_LM, Pass, PassConfig, PassContext, PassResult, register_pass
 from slimc.compiler.surgery import apply_plan
 from slimc.errors import PostconditionError
-from slimc.passes._magnitude_math import lowest, neuron_norms, prune_count
+from slimc.passes._group_magnitude_math import group_channel_norms
+from slimc.passes._magnitude_math import lowest, prune_count
+from slimc.passes.structured.units import MLP, decoder_units
 
 
 class MagnitudeConfig(PassConfig):
@@ -43,23 +51,36 @@ class Magnitude(Pass):
     def needs(self) -> frozenset[str]:
         return frozenset({NEEDS_DECODER_LM})
 
-    def call(self, model: Model, ctx: PassContext) -> PassResult:
+    def plan(self, model: Model) -> tuple[dict[Group, list[int]], dict[str, Any]]:
+        """({MLP group: neurons to remove}, stats); the model is not changed."""
         cfg: MagnitudeConfig = self.config
-        plan = {}
+        layers = decoder_units(model)
+        tensors = dict(model.module.named_parameters(remove_duplicate=False))
+        plan: dict[Group, list[int]] = {}
         before = 0
-        for view in decoder_layers(model):
-            mlp = model.module.get_submodule(view.mlp)
-            before += view.intermediate_size
-            n = prune_count(view.intermediate_size, cfg.sparsity, cfg.multiple_of)
-            if n:
-                scores = neuron_norms(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
-                plan[view.mlp_neuron] = lowest(scores, n).tolist()
+        for units in layers:
+            for u in units:
+                if u.kind != MLP:
+                    continue
+                before += u.size
+                n = prune_count(u.size, cfg.sparsity, math.lcm(cfg.multiple_of, u.group.multiple_of))
+                if n:
+                    plan[u.group] = lowest(group_channel_norms(u.group, tensors), n).tolist()
         removed = sum(len(v) for v in plan.values())
+        stats: dict[str, Any] = {"neurons_removed": removed, "neurons_before": before, "sparsity": removed / before if before else 0.0}
+        whole = [w for w in layers.whole if w["part"] == MLP]
+        if whole:
+            stats["left_whole"] = whole
+        return plan, stats
+
+    def call(self, model: Model, ctx: PassContext) -> PassResult:
+        plan, info = self.plan(model)
         stats = apply_plan(model, plan)
-        stats.update(neurons_removed=removed, neurons_before=before, sparsity=removed / before if before else 0.0)
-        return PassResult(model, modified=removed > 0, stats=stats)
+        stats.update(info)
+        return PassResult(model, modified=info["neurons_removed"] > 0, stats=stats)
 
     def ensures(self, model: Model, ctx: PassContext) -> None:
-        for view in decoder_layers(model):
-            if view.intermediate_size < 1:
-                raise PostconditionError(f"layer {view.index} lost every MLP neuron")
+        for units in decoder_units(model, strict=False):
+            for u in units:
+                if u.kind == MLP and u.size < 1:
+                    raise PostconditionError(f"layer {u.layer} lost every MLP neuron")

@@ -10,6 +10,10 @@ calibration inputs with mean mu and population covariance C:
 `lsq_cross` fits the dense output from inputs the pruned prefix computes (sequential lsq, see
 `structured.sequential`). `Compensation` records one projection's edit; `compensate` applies a
 plan's edits before the channels are removed.
+
+The maths takes W as [d_out, d_in]. A projection stores its weight with its input axis at
+`in_axis` (nn.Linear [out, in]: 1; transformers' Conv1D [in, out]: 0); `set_input_columns` writes
+refitted columns back along that axis. Biases are always added on the output side.
 """
 
 from __future__ import annotations
@@ -22,16 +26,23 @@ from torch import nn
 
 @dataclass
 class Compensation:
-    """Edits to one o_proj/down_proj before its inputs are removed: new kept columns, added bias."""
+    """Edits to one output projection before its inputs are removed: new kept columns, added bias."""
 
     linear: str  # module path
     bias: torch.Tensor  # [d_out] float64, added to the output
     kept: torch.Tensor | None = None  # kept input columns whose weights change (lsq)
     weight: torch.Tensor | None = None  # [d_out, len(kept)] their new weights (lsq)
+    in_axis: int = 1  # the projection weight's input axis (1: nn.Linear, 0: Conv1D)
 
 
-def add_output_bias(linear: nn.Linear, bias: torch.Tensor) -> None:
-    """Add `bias` to a Linear's output, creating its bias parameter when it has none."""
+def set_input_columns(weight: torch.Tensor, in_axis: int, kept: torch.Tensor, new: torch.Tensor) -> None:
+    """weight's input entries `kept` (along `in_axis`) := `new` [d_out, len(kept)], in place."""
+    with torch.no_grad():
+        weight.movedim(in_axis, -1)[:, kept.to(weight.device)] = new.to(dtype=weight.dtype, device=weight.device)
+
+
+def add_output_bias(linear: nn.Module, bias: torch.Tensor) -> None:
+    """Add `bias` to a linear's output (nn.Linear or Conv1D), creating its bias parameter when it has none."""
     b = bias.to(dtype=linear.weight.dtype, device=linear.weight.device)
     with torch.no_grad():
         if linear.bias is None:
@@ -45,8 +56,7 @@ def compensate(module: nn.Module, compensations: list[Compensation]) -> None:
     for c in compensations:
         linear = module.get_submodule(c.linear)
         if c.weight is not None:
-            with torch.no_grad():
-                linear.weight[:, c.kept] = c.weight.to(linear.weight.dtype)
+            set_input_columns(linear.weight, c.in_axis, c.kept, c.weight)
         add_output_bias(linear, c.bias)
 
 

@@ -1,7 +1,8 @@
 """Criteria: a score per prunable unit, higher = more important (a registry; pure tensor maths).
 
 Notation: a unit owns input columns j of its output projection W [d_out, d_in] (o_proj for a KV
-group, down_proj for a neuron) and rows of the projections before it; over calibration tokens
+group, down_proj for a neuron; a Conv1D's [in, out] weight is read transposed, `units.out_weight`)
+and rows of the projections before it; over calibration tokens
 input channel j has mean mu_j, population variance var_j, mean square ms_j and squared norm
 ||X_j||^2 = sqnorm_j.
 
@@ -20,7 +21,7 @@ input channel j has mean mu_j, population variance var_j, mean square ms_j and s
     magnitude    L2 norm of every weight the unit owns
 
 Each criterion names what it needs collected: input statistics of the output projections
-("inputs") or a saliency ("saliency:<objective>").
+("inputs", only for units whose projection is `observable`) or a saliency ("saliency:<objective>").
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 from slimc.compiler.calibration.stats import InputStats
 from slimc.compiler.groups import Group
 from slimc.passes._group_magnitude_math import group_channel_norms
-from slimc.passes.structured.units import ATTN, Units
+from slimc.passes.structured.units import ATTN, Units, out_weight
 
 FLAP_METRICS = ("ifv", "wifv", "wifn")
 
@@ -133,7 +134,7 @@ class Criterion:
 def _flap(metric: str) -> Callable[[Units, ScoreInputs], torch.Tensor]:
     def score(u: Units, d: ScoreInputs) -> torch.Tensor:
         st = d.inputs[u.out_proj]
-        ch = flap_channel_scores(metric, d.tensors[f"{u.out_proj}.weight"], st.var, st.sqnorm / st.count)
+        ch = flap_channel_scores(metric, out_weight(u, d.tensors), st.var, st.sqnorm / st.count)
         if u.kind == ATTN and d.options.get("square_attn", True):
             ch = ch * ch
         return unit_mean(standardize(ch), u.out_index)  # z-score per (layer, module): one scale for all
@@ -143,14 +144,14 @@ def _flap(metric: str) -> Callable[[Units, ScoreInputs], torch.Tensor]:
 
 def _wanda_sp(u: Units, d: ScoreInputs) -> torch.Tensor:
     st = d.inputs[u.out_proj]
-    return unit_mean(wanda_sp_channel_scores(d.tensors[f"{u.out_proj}.weight"], st.sqnorm), u.out_index)
+    return unit_mean(wanda_sp_channel_scores(out_weight(u, d.tensors), st.sqnorm), u.out_index)
 
 
 def _cfsp(u: Units, d: ScoreInputs) -> torch.Tensor:
     st = d.inputs[u.out_proj]
     rms = unit_mean((st.sqnorm / st.count).clamp_min(0), u.out_index).sqrt()
     o = d.options
-    return cfsp_scores(u.group, d.tensors, f"{u.out_proj}.weight", rms, o.get("cfsp_b", 1.0), o.get("cfsp_c", 1.0),
+    return cfsp_scores(u.group, d.tensors, u.out_param, rms, o.get("cfsp_b", 1.0), o.get("cfsp_c", 1.0),
                        o.get("cfsp_faithful", False))
 
 

@@ -7,6 +7,10 @@ the pruned model's — and, layer by layer, refits the attention's and then the 
 calibration tokens, W' z + b best matches the dense W x (z: kept inputs computed by the already
 pruned prefix, x: the dense inputs), then removes the layer's pruned units and moves on. Peak
 memory: the two streams plus one layer's dense down_proj inputs.
+
+Any unit set with an observable output projection works: nn.Linear or transformers' Conv1D (its
+[in, out] weight is refitted along its input axis, 0), several MLP sets in one layer, layers
+without units (both streams just move past them).
 """
 
 from __future__ import annotations
@@ -43,11 +47,11 @@ class CrossMoments:
         return mx, mz, self.sxz / self.n - torch.outer(mx, mz), self.szz / self.n - torch.outer(mz, mz)
 
 
-def _refit(linear: nn.Linear, moments: CrossMoments, kept: torch.Tensor, ridge: float) -> None:
+def _refit(linear: nn.Module, moments: CrossMoments, kept: torch.Tensor, ridge: float, in_axis: int = 1) -> None:
     mx, mz, cxz, czz = moments.moments()
-    w_new, b = fm.lsq_cross(linear.weight, kept, mx, mz, cxz, czz, ridge)
+    w_new, b = fm.lsq_cross(linear.weight.movedim(in_axis, -1), kept, mx, mz, cxz, czz, ridge)
+    fm.set_input_columns(linear.weight, in_axis, kept, w_new)
     with torch.no_grad():
-        linear.weight[:, kept] = w_new.to(linear.weight.dtype)
         bias = b.to(linear.weight.dtype)
         if linear.bias is None:
             linear.bias = nn.Parameter(bias, requires_grad=linear.weight.requires_grad)
@@ -64,7 +68,7 @@ def _kept_columns(units: Units, removed_units: torch.Tensor, width: int) -> torc
 @torch.no_grad()
 def sequential_lsq(
     module: nn.Module,
-    layers: list[tuple[Units, Units]],
+    layers: list[tuple[Units, ...]],
     removed: dict[str, torch.Tensor],
     tokens: torch.LongTensor,
     *,
@@ -73,18 +77,29 @@ def sequential_lsq(
 ) -> None:
     """Prune `module` layer by layer, refitting each layer's output projections (see module doc).
 
-    `layers` are `structured.units.decoder_units` of the unpruned module (attention, MLP per layer);
-    `removed` maps each group's name to the units to remove.
+    `layers` are `structured.units.decoder_units` of the unpruned module (per layer, its attention
+    units, then its MLP units; every projection observable); `removed` maps each group's name to
+    the units to remove.
     """
+    by_layer: dict[int, list[Units]] = {}
+    for units in layers:
+        for u in units:
+            by_layer.setdefault(u.layer, []).append(u)
+    if not by_layer:
+        return
     was_training = module.training
     module.eval()
     dense = DecoderStream.capture(module, tokens, batch_size)
     pruned = dense.fork()
     try:
-        for pair in layers:
-            i = pair[0].layer
+        for i in range(max(by_layer) + 1):
+            pair = by_layer.get(i, [])
+            if not pair:  # nothing to refit: both streams move through the unchanged layer
+                pruned.advance(i)
+                dense.advance(i)
+                continue
             projs = [module.get_submodule(u.out_proj) for u in pair]
-            kept = [_kept_columns(u, removed[u.group.name], proj.weight.shape[1]) for u, proj in zip(pair, projs)]
+            kept = [_kept_columns(u, removed[u.group.name], proj.weight.shape[u.in_axis]) for u, proj in zip(pair, projs)]
             # 1. dense stream through the dense layer: the projections' inputs and the next hidden states
             inputs: dict[str, list[torch.Tensor]] = {u.out_proj: [] for u in pair}
             with input_hooks(module, list(inputs), lambda name, x: inputs[name].append(x.detach())):
@@ -94,7 +109,7 @@ def sequential_lsq(
                 cm = CrossMoments()
                 for b, x in enumerate(inputs.pop(u.out_proj)):
                     cm.add(x, pruned.run_until(i, proj, b)[..., k])
-                _refit(proj, cm, k, ridge)
+                _refit(proj, cm, k, ridge, u.in_axis)
                 apply_plan(module, {u.group: removed[u.group.name]})
             # 3. advance both streams
             pruned.advance(i)

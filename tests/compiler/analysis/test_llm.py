@@ -4,10 +4,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from slimc.compiler.analysis import llm
 from slimc.compiler.analysis.llm import decoder_layers
+from slimc.compiler.calibration.layerwise import DecoderStream
 from slimc.compiler.groups import Role
 from slimc.compiler.surgery import apply_plan, mask_plan
 from slimc.errors import SlimcError
+
+import zoo_models as Z  # noqa: E402  (benchmarks/ is on pytest's pythonpath)
 
 
 def _llama(kv=2, heads=6, tie=True, cls=LlamaForCausalLM, cfg_cls=LlamaConfig, **kw):
@@ -52,3 +56,91 @@ def test_mask_then_remove_is_exact_with_biases():
 def test_not_an_llm():
     with pytest.raises(SlimcError, match="decoder LLM"):
         decoder_layers(torch.nn.Linear(3, 3))
+
+
+# ---- units from the IR, layer by layer (decoder_layer_groups) ------------------------------------
+
+
+def _example(module):
+    def make():
+        s = DecoderStream.capture(module, torch.arange(5)[None] % Z.VOCAB, 1)
+        return s.hidden[0], s.kwargs[0]
+
+    return make
+
+
+def _zoo(name):
+    return Z.by_name(name).build()[0]
+
+
+def test_ir_groups_per_layer_match_the_whole_model_analysis():
+    from slimc.compiler.analysis.coupling import model_groups
+    from slimc.compiler.model import Model
+
+    m = _zoo("qwen2-moe")
+    per_layer = llm.decoder_layer_groups(m, _example(m))
+    whole = {g.name: g for g in model_groups(Model(module=m, config=m.config)) if g.prunable and g.exact}
+    for lg in per_layer:
+        for g in lg.attention + lg.mlp:
+            ref = whole[g.name]
+            assert (g.size, g.role, g.layer) == (ref.size, ref.role, ref.layer)
+            assert {(s.param, s.axis, tuple(s.index.reshape(-1).tolist())) for s in g.slices} == \
+                   {(s.param, s.axis, tuple(s.index.reshape(-1).tolist())) for s in ref.slices}
+    assert [g.role for g in per_layer[1].mlp] == [Role.EXPERT_NEURON, Role.MLP_NEURON]
+
+
+def test_output_projection_reads_the_input_axis_from_the_module_type():
+    gpt2, llama = _zoo("gpt2"), _zoo("llama-gqa")
+    first = llm.decoder_layer_groups(gpt2, _example(gpt2))[0]
+    (a2, m2) = first.attention + first.mlp
+    p = llm.output_projection(m2, gpt2)
+    assert (p.module, p.in_axis, p.observable) == ("transformer.h.0.mlp.c_proj", 0, True)  # Conv1D [in, out]
+    assert llm.output_projection(a2, gpt2).index.shape == (4, 8)
+    lg = llm.decoder_layer_groups(llama, _example(llama), use_names=False)[0]
+    p = llm.output_projection(lg.attention[0], llama)
+    assert (p.module, p.param, p.in_axis) == ("model.layers.0.self_attn.o_proj", "model.layers.0.self_attn.o_proj.weight", 1)
+    mix = _zoo("mixtral")
+    (experts,) = llm.decoder_layer_groups(mix, _example(mix))[0].mlp
+    p = llm.output_projection(experts, mix)
+    assert (p.param, p.in_axis, p.observable) == ("model.layers.0.mlp.experts.down_proj", 2, False)
+
+
+def test_attention_shapes_count_real_kv_heads():
+    for name, want in (("gemma-mqa", (4, 1)), ("llama-gqa", (4, 2)), ("llama-gqa-eager", (4, 2)), ("gpt2", (4, 4))):
+        m = _zoo(name)
+        path, layers = llm.find_layer_list(m)
+        graph, _ = llm.export_layer(path, 0, layers[0], *_example(m)())
+        (shape,) = llm.attention_shapes(graph)
+        assert (shape.query_heads, shape.kv_heads, shape.head_dim) == (*want, 8), name
+
+
+def test_fused_qkv_of_phi3_is_left_whole_with_the_reason():
+    m = _zoo("phi3-gqa")
+    lg = llm.decoder_layer_groups(m, _example(m))[0]
+    assert not lg.attention and [g.role for g in lg.mlp] == [Role.MLP_NEURON]
+    assert "slice at offsets fixed by the code" in lg.reason("attn")
+    assert {s.param for s in lg.mlp[0].slices} == {"model.layers.0.mlp.gate_up_proj.weight", "model.layers.0.mlp.down_proj.weight"}
+
+
+def test_layer_signature_and_retarget():
+    m = _zoo("gpt-neox")
+    path, layers = llm.find_layer_list(m)
+    assert llm.layer_signature(layers[0]) == llm.layer_signature(layers[1])
+    lg = llm.analyse_layer(path, 0, layers[0], *_example(m)())
+    moved = llm.retarget(lg, path, 1)
+    assert moved.prefix == "gpt_neox.layers.1" and moved.attention[0].name == "gpt_neox.layers.1.attention:head"
+    assert all(s.param.startswith("gpt_neox.layers.1.") for g in moved.attention + moved.mlp for s in g.slices)
+    assert all(a.module.startswith("gpt_neox.layers.1.") for g in moved.attention for a in g.attrs)
+    with torch.no_grad():
+        layers[1].mlp.dense_h_to_4h.weight.data = layers[1].mlp.dense_h_to_4h.weight.data[:40]
+    assert llm.layer_signature(layers[0]) != llm.layer_signature(layers[1])
+
+
+def test_mqa_has_no_kv_group_unit_and_says_so():
+    m = _zoo("gemma-mqa")
+    lg, lg1 = llm.decoder_layer_groups(m, _example(m))
+    assert not lg.attention and (lg.query_heads, lg.kv_heads) == (4, 1)
+    kv = [w for w in lg.whole if w.role == Role.KV_GROUP]
+    assert kv and kv[0].size == 1 and "single KV head" in kv[0].reason
+    # layer 1 shares layer 0's export: its reasons name its own modules
+    assert "model.layers.1.self_attn" in lg1.reason("attn") and "layers.0" not in lg1.reason("attn")
