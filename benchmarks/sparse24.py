@@ -164,7 +164,7 @@ def main() -> int:
                          t_pre, t_pre_g, err_pre))
             print(f"{shape} m={m}: dense {t_dense * 1e3:.1f} us, ours {t_ours * 1e3:.1f} us (graph {t_ours_g * 1e3:.1f}), "
                   f"prefill {t_pre * 1e3:.1f} us (graph {t_pre_g * 1e3:.1f}), err {err_ours:.1e} / {err_pre:.1e}", flush=True)
-        del weights, packed, cslt, layouts
+        weights = packed = cslt = layouts = None  # free the copies before the next shape
         torch.cuda.empty_cache()
 
     print()

@@ -24,7 +24,10 @@ rules saw: attention heads, norm features, ...), all merged on union and inherit
 from __future__ import annotations
 
 import itertools
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:
+    import torch
 
 Term = list["Atom"]  # product of leaves, row-major (first = slowest)
 

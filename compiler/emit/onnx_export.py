@@ -25,6 +25,9 @@ from slimc.errors import SlimcError
 
 OPSET = 18
 LLM_ATOL = 1e-3
+# fp32 rounding allowances of the float64 check in verify_onnx
+FP32_NOISE_FACTOR = 4.0
+FP32_NOISE_REL = 1e-4
 ONNX_NAME = "model.onnx"
 
 
@@ -166,8 +169,11 @@ def verify_onnx(model: Model, path: Path, atol: float | None = None) -> dict[str
     """Run ONNX Runtime on sample inputs and compare with PyTorch; fail beyond tolerance.
 
     When the plain difference exceeds `atol`, both runtimes are compared with a float64 PyTorch run:
-    ONNX Runtime passes if it is no further from exact maths than max(atol, 2 x PyTorch fp32's own
-    error). Both numbers go into the report.
+    ONNX Runtime passes if it is no further from exact maths than max(atol, 4 x PyTorch fp32's own
+    error, 1e-4 x the largest output magnitude). Two fp32 implementations with different reduction
+    orders (MLAS tiles vs. PyTorch's BLAS, varying with the thread count) each carry rounding noise
+    of that order through 30 decoder layers; an export error (a wrong op, a stale weight) is orders
+    of magnitude larger. All numbers go into the report.
     """
     import onnxruntime as ort
 
@@ -204,8 +210,9 @@ def verify_onnx(model: Model, path: Path, atol: float | None = None) -> dict[str
     }
     if not result["ok"]:
         ort_err, torch_err = float64_errors(module, samples, outputs)
-        bound = max(limit, 2 * torch_err)
-        result["float64_check"] = {"onnxruntime_vs_fp64": ort_err, "pytorch_fp32_vs_fp64": torch_err, "bound": bound}
+        bound = max(limit, FP32_NOISE_FACTOR * torch_err, FP32_NOISE_REL * scale)
+        result["float64_check"] = {"onnxruntime_vs_fp64": ort_err, "pytorch_fp32_vs_fp64": torch_err,
+                                   "max_abs_output": scale, "bound": bound}
         result["ok"] = ort_err <= bound
     if not result["ok"]:
         raise SlimcError(

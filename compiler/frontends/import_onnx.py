@@ -284,7 +284,7 @@ class _Lowering:
             self.emit("opaque", n, ins, outs)
 
     def lower_matmul(self, n: ir.Node, ins: list, outs: list) -> None:
-        a, b = n.inputs[0], n.inputs[1]
+        b = n.inputs[1]
         if n.op_type == "MatMul":
             if _is_param(b) and b.shape is not None and len(b.shape) == 2:
                 bias, out = None, outs

@@ -299,7 +299,7 @@ def test_smollm2_magnitude_20_end_to_end(tmp_path, monkeypatch):
     assert all(row["intermediate_size"] == 1229 for row in report["layers"])  # 1536 - floor(0.2 * 1536)
     assert report["verification"]["hf"]["max_abs_diff"] < ATOL
     onnx_check = report["verification"]["onnx"]
-    # fp32 noise in the pruned SmolLM2's logits reaches ~3e-3 in PyTorch itself (vs float64); ORT must be as close
+    # fp32 noise in the pruned SmolLM2's logits reaches ~1e-3 in PyTorch itself (vs float64); ORT must stay within the bound
     assert onnx_check["ok"] and (onnx_check["max_abs_diff"] < 1e-3 or
                                  onnx_check["float64_check"]["onnxruntime_vs_fp64"] <= onnx_check["float64_check"]["bound"])
     assert report["verification"]["pt2"]["ok"]
