@@ -21,7 +21,7 @@ from slimc.compiler.model import Model
 from slimc.compiler.pipeline.passes import Instrument, PassContext, PassManager, resolve_device, resolve_dtype
 from slimc.compiler.pipeline.recipes import Recipe, apply_overrides, load_recipe
 
-__all__ = ["load", "compress", "save"]
+__all__ = ["load", "compress", "check", "save"]
 
 
 def compress(
@@ -45,6 +45,19 @@ def compress(
     (None: as loaded). `check_passes` runs the model on a probe input after every pass and records
     the output drift (`compiler.pipeline.instruments.OutputProbe`).
     """
+    manager, ctx = _pipeline(recipe, overrides, calib, seed, device, dtype, check_passes, instruments)
+    torch.manual_seed(seed)
+    return manager.run(model, ctx)
+
+
+def check(model: Model, recipe: str | Recipe, *, overrides: Sequence[str] = (), calib: str | torch.Tensor = "pydoc",
+          device: str | None = None, dtype: str | torch.dtype | None = None) -> None:
+    """Raise the SlimcError `compress` would raise before running any pass (order, what each pass needs)."""
+    manager, ctx = _pipeline(recipe, overrides, calib, 0, device, dtype, False, ())
+    manager.check(model, ctx)
+
+
+def _pipeline(recipe, overrides, calib, seed, device, dtype, check_passes, instruments) -> tuple[PassManager, PassContext]:
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
     elif overrides:
@@ -57,6 +70,5 @@ def compress(
         check_passes=check_passes,
         instruments=list(instruments),
     )
-    torch.manual_seed(seed)
-    return PassManager(recipe.build()).run(model, ctx)
+    return PassManager(recipe.build()), ctx
 

@@ -9,6 +9,7 @@ The models are measured in interleaved rounds (dense, 20%, 50%, dense, ...), so 
 processes on a shared machine hits all of them alike.
 
     python benchmarks/flap_speed.py [--repeats 10] [--threads 2] [--seq-len 512] [--sparsity 0.2 0.5] [--all-logits]
+    python benchmarks/flap_speed.py --recipes llm-prune-50 cfsp-50 nirvana-50   # any shipped recipes instead of FLAP
 """
 
 from __future__ import annotations
@@ -75,11 +76,19 @@ def main() -> None:
     ap.add_argument("--all-logits", action="store_true", help="score every position, not only the last")
     ap.add_argument("--round-neurons-to", type=int, default=None, help="override the recipes' MLP width rounding")
     ap.add_argument("--stats-cache", help="calibration statistics saved by benchmarks/flap.py --stats-cache")
+    ap.add_argument("--recipes", nargs="*", help="time these shipped recipes' results (each compressed here) instead of FLAP's")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dense = load("smollm2")
     models = {"dense": dense}
-    for p in args.sparsity:
+    for r in args.recipes or []:
+        import slimc
+
+        t0 = time.perf_counter()
+        key = Path(r).stem if r.endswith((".yaml", ".yml")) else r  # a recipe file: its name, not its path
+        models[key] = slimc.compress(dense.clone(), r)
+        print(f"# {key}: compressed in {time.perf_counter() - t0:.1f} s, {models[key].num_parameters():,} parameters", flush=True)
+    for p in ([] if args.recipes else args.sparsity):
         m = dense.clone()
         recipe = load_recipe(f"flap-{int(round(p * 100))}") if p in (0.2, 0.3, 0.5) else None
         opts = dict(recipe.passes[0][1]) if recipe else dict(sparsity=p)

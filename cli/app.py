@@ -160,7 +160,7 @@ def _run(model_arg: str, recipe_arg: str, output: Path | None, format: str | Non
     from slimc.compiler.calibration.sources import open_source
     from slimc.compiler.emit.atomic import check_output
     from slimc.compiler.emit.report import layer_widths
-    from slimc.compiler.emit.save import check_dtype, formats_for
+    from slimc.compiler.emit.save import check_dtype, check_writable, formats_for
     from slimc.compiler.pipeline.passes import resolve_device, resolve_dtype
     from slimc.compiler.pipeline.recipes import load_recipe
 
@@ -176,6 +176,11 @@ def _run(model_arg: str, recipe_arg: str, output: Path | None, format: str | Non
     with Steps() as steps:
         with steps.step(f"Loading {model_arg}"):
             model = api.load(model_arg, trust_pickle=trust_pickle, config=config, tokenizer=tokenizer)
+        # what the passes cannot run on, or the output cannot hold, is refused before any work
+        api.check(model, recipe, calib=calib, device=device, dtype=dtype)
+        check_writable(model, formats_for(format))
+        if model.module is not None:
+            check_dtype(formats_for(format), resolve_dtype(dtype) or next(iter(model.module.parameters())).dtype)
         input_info = _input_info(model, in_path)
         before = layer_widths(model)
         model = api.compress(model, recipe, calib=calib, seed=seed, device=device, dtype=dtype,

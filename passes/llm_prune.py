@@ -5,7 +5,7 @@ ships: e.g. NIRVANA's saliency with FLAP's global cost-weighted pool and least-s
 compensation. The shipped `llm-prune-20` / `llm-prune-50` recipes hold the combination that
 measured best on the calibration split (BENCHMARKS.md).
 
-    criterion   flap-ifv | flap-wifv | flap-wifn | wanda-sp | cfsp | saliency | taylor | magnitude
+    criterion   flap-ifv | flap-wifv | flap-wifn | wanda-sp | cfsp | obs | saliency | taylor | magnitude
     allocator   global (one cost-weighted pool, FLAP AL-AM) | per-module (AL-MM) | uniform (UL-UM)
                 | two-pools (NIRVANA, `gamma`) | block-sigmoid (CFSP, MLP only, `temperature`)
     normalize   z-score each (layer, module) set's unit scores (the flap-* criteria already are)
@@ -29,7 +29,7 @@ from slimc.passes.structured import allocators as al
 from slimc.passes.structured.criteria import CRITERIA
 from slimc.passes.structured.pruner import StructuredConfig, StructuredPrune
 
-CriterionName = Literal["flap-ifv", "flap-wifv", "flap-wifn", "wanda-sp", "cfsp", "saliency", "taylor", "magnitude"]
+CriterionName = Literal["flap-ifv", "flap-wifv", "flap-wifn", "wanda-sp", "cfsp", "obs", "saliency", "taylor", "magnitude"]
 
 
 class LlmPruneConfig(StructuredConfig):
@@ -41,11 +41,15 @@ class LlmPruneConfig(StructuredConfig):
     temperature: float = Field(0.61, gt=0.0, description="block-sigmoid: block-importance temperature")
     max_keep: float = Field(0.95, gt=0.0, le=1.0, description="block-sigmoid: cap on a layer's kept MLP fraction")
     round_up: bool = Field(False, description="round each layer's kept MLP width up (else pooled to keep the total)")
+    attn_sparsity: float | None = Field(None, ge=0.0, lt=1.0, description="per-module / block-sigmoid: the attention's own "
+                                        "removal fraction (one global pool of KV groups), the MLPs remove the rest")
 
     @model_validator(mode="after")
     def _check(self) -> "LlmPruneConfig":
         if self.criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {self.criterion!r}")
+        if self.attn_sparsity is not None and self.allocator not in ("per-module", "block-sigmoid"):
+            raise ValueError("attn_sparsity only applies to the per-module and block-sigmoid allocators")
         return self
 
 
@@ -61,7 +65,7 @@ class LlmPrune(StructuredPrune):
 
     @property
     def prunes_attention(self) -> bool:  # type: ignore[override]
-        return self.config.allocator != "block-sigmoid"
+        return self.config.allocator != "block-sigmoid" or bool(self.config.attn_sparsity)
 
     def normalize(self) -> bool:
         return self.config.normalize
@@ -80,9 +84,13 @@ class LlmPrune(StructuredPrune):
             if collected is None or collected.block_angle is None:
                 raise SlimcError("llm-prune: allocator block-sigmoid needs block angles from the calibration pass")
             importance = torch.tensor([collected.block_angle[s.layer] for s in mlp], dtype=torch.float64)
-            return [], al.block_sigmoid(mlp, importance, sparsity, cfg.temperature, 1.0, cfg.max_keep)
+            attn_keep: list[torch.Tensor] = []
+            if attn:  # attention in one global pool at its own fraction; the MLPs take the rest of the budget
+                a_frac, sparsity = al.module_ratios(attn, mlp, sparsity, cfg.attn_sparsity)
+                attn_keep = al.select_global(attn, (1.0 - a_frac) * sum(s.total for s in attn))
+            return attn_keep, al.block_sigmoid(mlp, importance, sparsity, cfg.temperature, 1.0, cfg.max_keep)
         structure = {"global": "AL-AM", "per-module": "AL-MM", "uniform": "UL-UM"}[cfg.allocator]
-        return al.allocate(attn, mlp, sparsity, structure)
+        return al.allocate(attn, mlp, sparsity, structure, cfg.attn_sparsity if cfg.allocator == "per-module" else None)
 
     def round(self, masks, scores):
         if self.config.round_up:

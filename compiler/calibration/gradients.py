@@ -9,10 +9,10 @@ Objectives (each a mean over the whole calibration set, so micro-batches add up 
                (NIRVANA's output proxy: no labels, no loss)
     loss       f = mean next-token negative log-likelihood (first-order Taylor, as LLM-Pruner)
 
-The backward runs over micro-batches of `batch_size` windows and accumulates gradients in
-float32; only the named parameters require gradients (embeddings and the LM head do not, so a
-tied head costs no gradient memory). Peak memory is the weights, one gradient per named
-parameter and one micro-batch's activations; the saliency replaces each gradient in place.
+The backward runs over micro-batches of `batch_size` windows, autograd adding each one's
+gradients into `.grad`; only the named parameters require gradients (embeddings and the LM head
+do not, so a tied head costs no gradient memory). Peak memory is the weights, one gradient per
+named parameter and one micro-batch's activations; the saliency replaces each gradient in place.
 """
 
 from __future__ import annotations
@@ -60,24 +60,23 @@ def parameter_saliency(
     was_training = module.training
     module.eval()
     denom = tokens.shape[0] if objective == "max_logit" else tokens.shape[0] * (tokens.shape[1] - 1)
-    grads: dict[int, torch.Tensor] = {}
+    saliency: dict[int, torch.Tensor] = {}
     try:
         for p in module.parameters():
             p.requires_grad_(id(p) in by_id)
             p.grad = None
         for ids in token_batches(module, tokens, batch_size):
             logits = module(input_ids=ids, use_cache=False).logits
-            (_objective_sum(logits, ids, objective) / denom).backward()
+            (_objective_sum(logits, ids, objective) / denom).backward()  # autograd adds into .grad
             del logits
-            for p in by_id.values():
-                if p.grad is not None:  # move it out of .grad: micro-batches add into float32 sums
-                    g = p.grad.float()
-                    grads[id(p)] = g if id(p) not in grads else grads[id(p)].add_(g)
-                    p.grad = None
+        for i, p in by_id.items():  # |theta * grad| in place of the gradient: no second copy
+            if p.grad is not None:
+                g = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
+                saliency[i] = g.mul_(p.detach().float()).abs_().cpu()
+                p.grad = None
     finally:
         for p in module.parameters():
             p.requires_grad_(saved[id(p)])
             p.grad = None
         module.train(was_training)
-    saliency = {i: g.mul_(by_id[i].detach().float()).abs_().cpu() for i, g in grads.items()}
     return {n: saliency.get(id(named[n]), torch.zeros(named[n].shape)) for n in names}

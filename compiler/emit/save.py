@@ -45,6 +45,18 @@ def check_dtype(formats: list[str], dtype: torch.dtype | None) -> None:
         )
 
 
+def check_writable(model: Model, formats: list[str]) -> None:
+    """Refuse, before any pass runs, output formats this model cannot be written in."""
+    if "hf" in formats and (model.module is None or model.config is None or not hasattr(model.module, "save_pretrained")):
+        kind = "an ONNX graph" if model.is_onnx else f"a {type(model.module).__name__} without a Hugging Face config"
+        raise SlimcError(f"the hf format needs a Hugging Face model and this one is {kind}; use --format onnx or pt2")
+    if "pt2" in formats and model.module is None:
+        raise SlimcError("an ONNX model cannot be written as .pt2; use --format onnx")
+    if not model.is_causal_lm and not model.is_onnx and not model.example_inputs and ({"onnx", "pt2"} & set(formats)):
+        raise SlimcError("export needs example inputs for a model that is not a causal LM; use a .pt2 input or the Python API "
+                         "(Model.example_inputs)")
+
+
 def save(
     model: Model,
     out: str | Path,

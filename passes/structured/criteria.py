@@ -18,6 +18,9 @@ input channel j has mean mu_j, population variance var_j, mean square ms_j and s
     saliency     NIRVANA: L1 over every weight the unit owns of |theta * df/dtheta|, f the mean
                  max-logit output proxy
     taylor       the same L1 with f the language-model loss (first-order Taylor)
+    obs          optimal brain surgeon: the output error left after the kept inputs are refit by least
+                 squares, tr(W_U ((H^-1)_UU)^-1 W_U^T), H the inputs' covariance (damped) — the cost
+                 `compensation: lsq` actually pays
     magnitude    L2 norm of every weight the unit owns
 
 Each criterion names what it needs collected: input statistics of the output projections
@@ -105,6 +108,27 @@ def cfsp_scores(group: Group, tensors: Mapping[str, torch.Tensor], out_param: st
     return total * a.pow(c)
 
 
+def obs_costs(weight: torch.Tensor, cov: torch.Tensor, index: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """Optimal-brain-surgeon cost of removing each unit when the kept inputs are refit by least squares.
+
+    weight [d_out, d_in], cov [d_in, d_in] the inputs' covariance, index [units, k] the input
+    channels each unit owns. With H = cov + damp * mean(diag cov) I, removing channels U and
+    refitting the rest optimally raises E||W x - W' x'||^2 by tr(W_U ((H^-1)_UU)^-1 W_U^T)
+    (exactly what `compensation: lsq` then does). Units are costed one at a time.
+    """
+    w = weight.detach().double()
+    h = cov.double() + damp * float(torch.diagonal(cov).double().mean().clamp_min(1e-12)) * torch.eye(cov.shape[0], dtype=torch.float64)
+    h_inv = torch.linalg.inv(h)
+    if index.shape[1] == 1:  # one channel per unit (neurons): ||W_j||^2 / [H^-1]_jj
+        j = index[:, 0]
+        return (w[:, j] ** 2).sum(0) / torch.diagonal(h_inv)[j]
+    costs = torch.empty(index.shape[0], dtype=torch.float64)
+    for u, cols in enumerate(index):
+        w_u = w[:, cols]  # [d_out, k]
+        costs[u] = torch.trace(w_u @ torch.linalg.solve(h_inv[cols][:, cols], w_u.T))
+    return costs
+
+
 def group_l1(group: Group, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """L1 of every entry each unit owns, over the group's tensors (float64 [units])."""
     return sum(w.sum(1) for _, w in _unit_rows(group, tensors))
@@ -126,7 +150,7 @@ class ScoreInputs:
 @dataclass(frozen=True)
 class Criterion:
     name: str
-    needs: frozenset[str]  # "inputs" and/or "saliency:<objective>"
+    needs: frozenset[str]  # "inputs" (input moments), "gram" (their Gram matrices), "saliency:<objective>"
     fn: Callable[[Units, ScoreInputs], torch.Tensor]
     normalized: bool = False  # the scores are already comparable across layers (z-scored per layer)
 
@@ -159,6 +183,11 @@ def _saliency(u: Units, d: ScoreInputs) -> torch.Tensor:
     return group_l1(u.group, d.saliency)
 
 
+def _obs(u: Units, d: ScoreInputs) -> torch.Tensor:
+    st = d.inputs[u.out_proj]
+    return obs_costs(out_weight(u, d.tensors), st.covariance(), u.out_index, d.options.get("obs_damp", 0.01))
+
+
 def _magnitude(u: Units, d: ScoreInputs) -> torch.Tensor:
     return group_channel_norms(u.group, d.tensors)
 
@@ -169,6 +198,7 @@ CRITERIA: dict[str, Criterion] = {
         *(Criterion(f"flap-{m}", frozenset({"inputs"}), _flap(m), normalized=True) for m in FLAP_METRICS),
         Criterion("wanda-sp", frozenset({"inputs"}), _wanda_sp),
         Criterion("cfsp", frozenset({"inputs"}), _cfsp),
+        Criterion("obs", frozenset({"inputs", "gram"}), _obs),
         Criterion("saliency", frozenset({"saliency:max_logit"}), _saliency),
         Criterion("taylor", frozenset({"saliency:loss"}), _saliency),
         Criterion("magnitude", frozenset(), _magnitude),

@@ -218,3 +218,14 @@ def test_float16_writes_every_format(tmp_path):
     assert r.exit_code == 0, r.output
     verification = json.loads((out / "report.json").read_text())["verification"]
     assert all(verification[f]["ok"] for f in ("hf", "onnx", "pt2"))
+
+
+def test_unwritable_format_is_refused_before_any_pass(tmp_path, monkeypatch):
+    cnn = nn.Sequential(nn.Linear(4, 4))
+    torch.save(cnn, tmp_path / "net.pt")
+    ran = []
+    monkeypatch.setattr(api, "compress", lambda *a, **k: ran.append(1))
+    out = tmp_path / "out"
+    r = compress(tmp_path / "net.pt", "--trust-pickle", "--recipe", "identity", "-o", out)  # default format hf
+    assert_one_line_error(r, contains="the hf format needs a Hugging Face model", no_paths=[out])
+    assert not ran

@@ -197,3 +197,20 @@ def test_bfloat16_per_layer_checkpoint_reloads_in_bfloat16(tmp_path):
     remote = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", trust_remote_code=True)
     assert next(remote.parameters()).dtype == torch.bfloat16
     assert torch.equal(logits(remote), logits(m))
+
+
+NO_ONNX = {"mixtral": "grouped_mm has no ONNX translation", "qwen2-moe": "grouped_mm has no ONNX translation"}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_per_layer_pruned_family_exports_to_onnx_with_ort_parity(name, tmp_path):
+    if name in NO_ONNX:
+        pytest.skip(NO_ONNX[name])
+    if name in NO_PRUNABLE_GROUP:
+        pytest.skip(NO_PRUNABLE_GROUP[name])
+    m = build(name)
+    model = Model(module=m, config=m.config)
+    assert prune_per_layer(model)
+    add_compensation_biases(m)
+    report = save(model, tmp_path / "onnx", format="onnx")  # verification: ONNX Runtime against PyTorch
+    assert report["verification"]["onnx"]["ok"]

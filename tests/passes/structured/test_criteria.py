@@ -53,4 +53,33 @@ def test_wanda_sp_channel_scores():
 def test_every_registered_criterion_names_its_needs():
     assert set(cr.CRITERIA) >= {"flap-ifv", "flap-wifv", "flap-wifn", "wanda-sp", "cfsp", "saliency", "taylor", "magnitude"}
     for c in cr.CRITERIA.values():
-        assert all(n == "inputs" or n.startswith("saliency:") for n in c.needs)
+        assert all(n in ("inputs", "gram") or n.startswith("saliency:") for n in c.needs)
+
+
+def test_obs_cost_is_the_error_lsq_leaves():
+    """Removing a unit and refitting the rest by least squares leaves exactly the OBS cost (no damping)."""
+    from slimc.passes.structured.compensation import lsq_compensation
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    mu = x.mean(0)
+    cov = (x - mu).T @ (x - mu) / x.shape[0]
+    index = torch.tensor([[0, 1], [2, 3], [4, 5]])
+    costs = cr.obs_costs(w, cov, index, damp=0.0)
+    for u in range(3):
+        removed = index[u]
+        kept = torch.tensor([j for j in range(6) if j not in removed.tolist()])
+        w_k, b = lsq_compensation(w, mu, cov, kept, removed, ridge=1e-12)
+        err = ((x @ w.T) - (x[:, kept] @ w_k.T + b)).pow(2).sum(1).mean()
+        torch.testing.assert_close(costs[u], err, rtol=1e-6, atol=1e-9)
+
+
+def test_obs_single_channel_units_use_the_diagonal():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(500, 4, generator=g, dtype=torch.float64)
+    cov = x.T @ x / 500
+    w = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    single = cr.obs_costs(w, cov, torch.arange(4)[:, None], damp=0.0)
+    expected = (w ** 2).sum(0) / torch.diagonal(torch.linalg.inv(cov))
+    torch.testing.assert_close(single, expected)
