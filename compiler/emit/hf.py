@@ -1,8 +1,9 @@
 """Hugging Face checkpoint emitter: safetensors + config.json (+ generation config, tokenizer).
 
 The config is derived from the module at save time, so no pass has to keep it in sync. When a stock
-config builds exactly the module's tensors (every decoder layer of a Llama-style model has the same
-widths and no extra biases, or nothing was pruned), config.json is that stock config and
+config builds exactly the module's tensors (every decoder layer has the same widths and no extra
+biases, or nothing was pruned; the widths are found for any family by rewriting width-like config
+keys and building the result on the meta device), config.json is that stock config and
 `AutoModelForCausalLM.from_pretrained(OUT)` loads it. Otherwise (per-layer widths, added biases, on any
 architecture) config.json is slimc's resized form (`runtime/modeling_slimc_resized.py`): the original
 config as `base_config`, and `slimc_resize`, the differences between the module and a fresh one built from
@@ -217,6 +218,89 @@ def _stock_candidate(model: Model, data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+# config keys that can state a decoder width (MLP width, head counts); others are never rewritten
+WIDTH_KEY_HINTS = ("inner", "intermediate", "ffn", "head", "kv", "expert", "moe")
+MAX_STOCK_TRIALS = 64
+
+
+def _stock_fits(module: nn.Module, data: dict[str, Any]) -> bool:
+    """Whether the config dict builds exactly the module's tensors (attributes aside: the surgery may
+    leave one stale that forward never reads, e.g. LlamaMLP.intermediate_size; the reload check
+    compares logits)."""
+    try:
+        diff = resize_record(module, _meta_build(data))
+    except Exception:  # noqa: BLE001 — the candidate widths build another structure, or nothing
+        return False
+    return not any(diff.get(k) for k in ("shapes", "new_parameters", "removed_parameters"))
+
+
+def _width_changes(module: nn.Module, built: nn.Module) -> dict[int, int] | None:
+    """original size -> new size of every tensor axis that changed, or None when one original size
+    became several (per-layer widths: no stock config can state them)."""
+    ours, theirs = signature(module), signature(built)
+    changes: dict[int, set[int]] = {}
+    for name, (shape, _) in theirs.tensors.items():
+        mine = ours.tensors.get(name)
+        if mine is None or mine[0] == shape or len(mine[0]) != len(shape):
+            continue
+        for old, now in zip(shape, mine[0]):
+            if old != now:
+                changes.setdefault(old, set()).add(now)
+    if any(len(v) > 1 for v in changes.values()):
+        return None
+    return {old: next(iter(v)) for old, v in changes.items()}
+
+
+def _generic_stock_candidate(model: Model, data: dict[str, Any]) -> dict[str, Any] | None:
+    """A stock config for a uniformly pruned model of any family, or None.
+
+    Each changed axis (original size d -> d') proposes, for every width-like integer key of the config
+    whose value v divides d, the value d' / (d / v) (v = 1536 neurons, d = 1536 -> 1229; v = 9 heads,
+    d = 9 x 64 -> 6 heads); keys left unset (GPT-2's n_inner, a derived head_dim) may take d' or the value
+the built modules hold under that name. Combinations are tried,
+    most keys changed first, and one is accepted only when its meta-device build has exactly the
+    module's tensors, so a coincidental divisor cannot produce a wrong config."""
+    import itertools
+
+    try:
+        built = _meta_build(data)
+    except Exception:  # noqa: BLE001 — a config transformers cannot build here
+        return None
+    changes = _width_changes(model.module, built)
+    if not changes:
+        return None
+    built_attrs = signature(built).attributes
+    options: dict[str, list[Any]] = {}
+    for key, v in data.items():
+        if not any(h in key.lower() for h in WIDTH_KEY_HINTS):
+            continue
+        if v is None:
+            # an unset key takes a new width, or the value the built modules hold under its name
+            # (Llama's head_dim, derived as hidden / heads, must be stated once the heads change)
+            held = {a[key] for a in built_attrs.values() if key in a and _int_like(a[key]) and not isinstance(a[key], (tuple, list))}
+            values = sorted(set(changes.values()) | held)
+        elif _int_like(v) and not isinstance(v, (tuple, list)) and v > 0:
+            values = sorted({new // (old // v) for old, new in changes.items() if old % v == 0 and new % (old // v) == 0})
+            values = [x for x in values if x != v and x > 0]
+        else:
+            continue
+        if values:
+            options[key] = values
+    keys = list(options)
+    if len(keys) > 8:
+        return None
+    combos = itertools.product(*[[None, *options[k]] for k in keys])
+    ranked = sorted(combos, key=lambda c: -sum(x is not None for x in c))[:MAX_STOCK_TRIALS]
+    for combo in ranked:
+        if all(x is None for x in combo):
+            break
+        candidate = dict(data)
+        candidate.update({k: x for k, x in zip(keys, combo) if x is not None})
+        if _stock_fits(model.module, candidate):
+            return candidate
+    return None
+
+
 def derive_config(model: Model) -> tuple[dict[str, Any], bool]:
     """(config.json dict, resized) for the model as it is now: a stock config when one builds exactly
     the module's tensors, else the resized form (`base_config` + `slimc_resize` + `auto_map`)."""
@@ -224,15 +308,11 @@ def derive_config(model: Model) -> tuple[dict[str, Any], bool]:
     if not model.is_causal_lm:
         return data, False
     candidate = _stock_candidate(model, data)
-    try:
-        # Tensors decide: an attribute the surgery left stale (LlamaMLP.intermediate_size, unused by
-        # forward) differs from a config that states the new width; the reload check compares logits.
-        diff = resize_record(model.module, _meta_build(candidate))
-        stock_fits = not any(diff.get(k) for k in ("shapes", "new_parameters", "removed_parameters"))
-    except Exception:  # noqa: BLE001 — the candidate widths build another structure, or nothing
-        stock_fits = False
-    if stock_fits:
+    if _stock_fits(model.module, candidate):
         return candidate, False
+    generic = _generic_stock_candidate(model, data)
+    if generic is not None:
+        return generic, False
     try:
         built = _meta_build(data)
     except Exception:  # noqa: BLE001 — a config transformers cannot build here

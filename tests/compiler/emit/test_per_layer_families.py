@@ -214,3 +214,47 @@ def test_per_layer_pruned_family_exports_to_onnx_with_ort_parity(name, tmp_path)
     add_compensation_biases(m)
     report = save(model, tmp_path / "onnx", format="onnx")  # verification: ONNX Runtime against PyTorch
     assert report["verification"]["onnx"]["ok"]
+
+
+# families whose uniformly pruned heads no stock config can state (each MLP-only result still is stock)
+HEADS_NEED_RESIZED = {
+    "llama-mha": "hidden_size must be divisible by the head count (transformers validates it)",
+    "qwen2-mha": "hidden_size must be divisible by the head count (transformers validates it)",
+    "gpt2": "head_dim is hidden / n_head", "gpt-neox": "head_dim is hidden / heads",
+    "opt": "head_dim is hidden / heads", "gptj": "head_dim is hidden / n_head",
+}
+# families whose MLP width is not a config key at all
+MLP_NEEDS_RESIZED = {"bloom": "the MLP width is fixed at 4 x hidden_size"}
+
+
+def prune_uniformly(model: Model, roles: set[str] | None) -> dict:
+    """Every decoder layer loses the same units (`multiple_of` channels of each exactly removable group,
+    restricted to `roles` when given)."""
+    plan = {g: list(range(g.multiple_of)) for g in model_groups(model)
+            if g.prunable and g.exact and g.layer is not None and g.size > 2 * g.multiple_of
+            and (roles is None or g.role in roles)}
+    apply_plan(model, plan)
+    return plan
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_uniformly_pruned_family_writes_its_stock_config(name, tmp_path):
+    """Same widths in every layer: config.json is the family's own, loadable without remote code."""
+    for what, roles, resized_why in (("mlp", {Role.MLP_NEURON, Role.EXPERT_NEURON}, MLP_NEEDS_RESIZED.get(name)),
+                                     ("all", None, MLP_NEEDS_RESIZED.get(name) or HEADS_NEED_RESIZED.get(name))):
+        m = build(name)
+        model = Model(module=m, config=m.config)
+        if not prune_uniformly(model, roles):
+            assert what == "mlp", f"{name}: nothing uniformly removable"
+            continue  # no group labelled an MLP neuron (Falcon): the "all" round prunes what is there
+        out = tmp_path / what
+        report = save(model, out)
+        cfg = json.loads((out / "config.json").read_text())
+        if resized_why:
+            assert cfg["model_type"] == "slimc_resized", resized_why
+            continue
+        assert report["output"]["written"]["hf"]["per_layer"] is False
+        assert cfg["model_type"] == m.config.model_type and not (out / "modeling_slimc_resized.py").exists()
+        stock = AutoModelForCausalLM.from_pretrained(out)
+        assert type(stock) is type(m)
+        assert float((logits(stock) - logits(m)).abs().max()) < ATOL
