@@ -62,6 +62,12 @@ def _causal_lm(config_cls_name: str, **kw) -> Callable[[], tuple[nn.Module, dict
     return build
 
 
+def extra_causal_lm(config_cls_name: str, **kw) -> Callable[[], nn.Module]:
+    """A causal-LM family the zoo does not hold, built and seeded as the zoo builds its own (module only)."""
+    build = _causal_lm(config_cls_name, **kw)
+    return lambda: build()[0]
+
+
 _LLAMA = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
 
 

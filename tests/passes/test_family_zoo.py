@@ -17,8 +17,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
-from transformers import AutoModelForCausalLM
 
 from slimc.compiler.emit.save import save
 from slimc.compiler.model import Model
@@ -34,35 +32,16 @@ import zoo_models as Z  # noqa: E402  (benchmarks/ is on pytest's pythonpath)
 
 SPARSITY = 0.3
 
-
-def _extra(config_cls_name: str, **kw):
-    """A family the zoo does not hold, built the way the zoo builds its causal LMs."""
-
-    def build() -> nn.Module:
-        import transformers
-
-        cfg = getattr(transformers, config_cls_name)(vocab_size=Z.VOCAB, **kw)
-        torch.manual_seed(0)
-        m = AutoModelForCausalLM.from_config(cfg).eval()
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                if p.dim() == 1:
-                    p.copy_(torch.randn_like(p) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
-        return m
-
-    return build
-
-
 EXTRA = {
-    "falcon-gqa": _extra("FalconConfig", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         new_decoder_architecture=True, num_kv_heads=2),
-    "falcon-mqa": _extra("FalconConfig", hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
-    "gptj": _extra("GPTJConfig", n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4),
-    "starcoder2": _extra("Starcoder2Config", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=64),
-    "gpt-bigcode-mqa": _extra("GPTBigCodeConfig", n_embd=32, n_layer=2, n_head=4, n_positions=64),
-    "phi": _extra("PhiConfig", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  partial_rotary_factor=0.5, max_position_embeddings=64),
+    "falcon-gqa": Z.extra_causal_lm("FalconConfig", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    new_decoder_architecture=True, num_kv_heads=2),
+    "falcon-mqa": Z.extra_causal_lm("FalconConfig", hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+    "gptj": Z.extra_causal_lm("GPTJConfig", n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4),
+    "starcoder2": Z.extra_causal_lm("Starcoder2Config", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, max_position_embeddings=64),
+    "gpt-bigcode-mqa": Z.extra_causal_lm("GPTBigCodeConfig", n_embd=32, n_layer=2, n_head=4, n_positions=64),
+    "phi": Z.extra_causal_lm("PhiConfig", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                             partial_rotary_factor=0.5, max_position_embeddings=64),
 }
 
 # family -> (attention unit role or the reason attention is left whole, MLP unit roles, source of the units)

@@ -30,34 +30,16 @@ ATOL = 1e-4
 NEW_TOKENS = 8
 
 
-def _causal_lm(config_cls_name: str, **kw):
-    """Families the zoo does not hold, built the way the zoo builds its causal LMs."""
-
-    def build() -> nn.Module:
-        import transformers
-
-        cfg = getattr(transformers, config_cls_name)(vocab_size=Z.VOCAB, **kw)
-        torch.manual_seed(0)
-        m = AutoModelForCausalLM.from_config(cfg).eval()
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                if p.dim() == 1:
-                    p.copy_(torch.randn_like(p) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
-        return m
-
-    return build
-
-
 EXTRA = {
-    "falcon": _causal_lm("FalconConfig", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         new_decoder_architecture=True, num_kv_heads=2),
-    "gptj": _causal_lm("GPTJConfig", n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4),
-    "starcoder2": _causal_lm("Starcoder2Config", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=64),
-    "gemma2": _causal_lm("Gemma2Config", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=8, max_position_embeddings=64),
-    "bloom": _causal_lm("BloomConfig", hidden_size=32, n_layer=2, n_head=4),
-    "gpt-bigcode": _causal_lm("GPTBigCodeConfig", n_embd=32, n_layer=2, n_head=4, n_positions=64),
+    "falcon": Z.extra_causal_lm("FalconConfig", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                new_decoder_architecture=True, num_kv_heads=2),
+    "gptj": Z.extra_causal_lm("GPTJConfig", n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4),
+    "starcoder2": Z.extra_causal_lm("Starcoder2Config", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, max_position_embeddings=64),
+    "gemma2": Z.extra_causal_lm("Gemma2Config", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=8, max_position_embeddings=64),
+    "bloom": Z.extra_causal_lm("BloomConfig", hidden_size=32, n_layer=2, n_head=4),
+    "gpt-bigcode": Z.extra_causal_lm("GPTBigCodeConfig", n_embd=32, n_layer=2, n_head=4, n_positions=64),
 }
 
 # every causal LM of the zoo (they are the entries its `_causal_lm` builds), then the extra families
