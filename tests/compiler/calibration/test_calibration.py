@@ -131,8 +131,9 @@ def test_layerwise_stats_match_a_full_forward():
         torch.testing.assert_close(st.mean, x.mean(0), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(st.var, x.var(0, unbiased=False), rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(st.sqnorm, (x * x).sum(0), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(st.gram, x.T @ x, rtol=1e-4, atol=1e-4)
-        assert st.mean.dtype == torch.float64
+        torch.testing.assert_close(st.gram.double(), x.T @ x, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(st.covariance(), torch.cov(x.T, correction=0), rtol=1e-4, atol=1e-5)
+        assert st.mean.dtype == torch.float64 and st.gram.dtype == torch.float32  # the Gram is held in float32
 
 
 def test_unknown_module_is_a_slimc_error():
