@@ -54,8 +54,8 @@ def decoder_layer_index(module: nn.Module, path: str) -> int | None:
 
 
 @contextlib.contextmanager
-def input_hooks(root: nn.Module, names: Sequence[str], on_input: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
-    """While active, every forward of a named submodule calls `on_input(name, its first input)`."""
+def _module_hooks(root: nn.Module, names: Sequence[str], register: Callable[[nn.Module, str], Any]) -> Iterator[None]:
+    """While active, `register(module, name)`'s hook handle is held for every named submodule."""
     handles = []
     try:
         for name in names:
@@ -63,11 +63,26 @@ def input_hooks(root: nn.Module, names: Sequence[str], on_input: Callable[[str, 
                 mod = root.get_submodule(name)
             except AttributeError:
                 raise SlimcError(f"calibration: the model has no module '{name}'") from None
-            handles.append(mod.register_forward_pre_hook(lambda _m, args, _n=name: on_input(_n, args[0])))
+            handles.append(register(mod, name))
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def input_hooks(root: nn.Module, names: Sequence[str], on_input: Callable[[str, torch.Tensor], None]):
+    """While active, every forward of a named submodule calls `on_input(name, its first input)`."""
+    return _module_hooks(root, names, lambda mod, name: mod.register_forward_pre_hook(lambda _m, args: on_input(name, args[0])))
+
+
+def output_hooks(root: nn.Module, names: Sequence[str], on_output: Callable[[str, torch.Tensor], None]):
+    """While active, every forward of a named submodule calls `on_output(name, its (first) output)`
+    (a decoder layer returns a tuple whose first entry is the hidden state)."""
+
+    def first(out: Any) -> torch.Tensor:
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    return _module_hooks(root, names, lambda mod, name: mod.register_forward_hook(lambda _m, _a, out: on_output(name, first(out))))
 
 
 class DecoderStream:

@@ -2,8 +2,9 @@
 
     stats = collect_input_stats(model, tokens, ["model.layers.3.mlp.down_proj", ...], gram=True)
     stats[name].mean / .var / .sqnorm / .gram / .count
-    layer = collect_layer_stats(model, tokens, names, block_angles=True)
+    layer = collect_layer_stats(model, tokens, names, block_angles=True, outputs=["model.layers.3.mlp"])
     layer.inputs[name]; layer.block_angle[i]    # mean arccos(cos(h_in, h_out)) / pi of decoder layer i
+    layer.outputs["model.layers.3.mlp"]         # the same moments of what that module returns
 
 Decoder layers run one at a time on cached hidden states (`layerwise.DecoderStream`); modules
 outside the decoder layers (an lm_head) are measured in one ordinary forward. Per batch, sums are
@@ -15,12 +16,12 @@ unchanged and round to a cosine just above 1 (NaN otherwise).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from slimc.compiler.calibration.layerwise import DecoderStream, decoder_layer_index, input_hooks, token_batches
+from slimc.compiler.calibration.layerwise import DecoderStream, decoder_layer_index, input_hooks, output_hooks, token_batches
 from slimc.compiler.model import Model
 from slimc.errors import SlimcError
 
@@ -107,10 +108,12 @@ def feed(accs: dict[str, MomentAccumulator]):
 
 @dataclass
 class LayerStats:
-    """What one layer-by-layer pass measured: module inputs and, on request, block angles."""
+    """What one layer-by-layer pass measured: module inputs and, on request, module outputs (the same
+    moments, `InputStats` of what the module returns) and block angles."""
 
     inputs: dict[str, InputStats]
     block_angle: list[float] | None = None  # per decoder layer, mean over tokens of arccos(cos)/pi
+    outputs: dict[str, InputStats] = field(default_factory=dict)
 
 
 def token_angles(h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
@@ -144,50 +147,62 @@ def collect_layer_stats(
     *,
     gram: bool = False,
     block_angles: bool = False,
+    outputs: list[str] | tuple[str, ...] = (),
     batch_size: int = 8,
 ) -> LayerStats:
-    """Input statistics of the named modules and, with `block_angles`, every decoder layer's mean
+    """Input statistics of the named modules, output statistics of the `outputs` modules (mean,
+    variance, second moment; Gram too with `gram`) and, with `block_angles`, every decoder layer's mean
     angular distance between its input and output hidden states, from one layer-by-layer pass."""
     module = model.module if isinstance(model, Model) else model
     if module is None:
         raise SlimcError("collect_input_stats needs a PyTorch model (this one was loaded from ONNX)")
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [n, seq_len], got shape {tuple(tokens.shape)}")
-    for name in modules:  # every name checked before any work
+    for name in [*modules, *outputs]:  # every name checked before any work
         try:
             module.get_submodule(name)
         except AttributeError:
             raise SlimcError(f"collect_input_stats: the model has no module '{name}'") from None
     accs = accumulators(modules, gram)
+    out_accs = accumulators(list(outputs), gram)
     done: dict[str, InputStats] = {}
+    out_done: dict[str, InputStats] = {}
     in_layer: dict[int, list[str]] = {}
+    out_in_layer: dict[int, list[str]] = {}
     outside: list[str] = []
-    for name in modules:
-        idx = decoder_layer_index(module, name)
-        (outside if idx is None else in_layer.setdefault(idx, [])).append(name)
+    out_outside: list[str] = []
+    for names, per_layer, rest in ((modules, in_layer, outside), (outputs, out_in_layer, out_outside)):
+        for name in names:
+            idx = decoder_layer_index(module, name)
+            (rest if idx is None else per_layer.setdefault(idx, [])).append(name)
     was_training = module.training
     module.eval()
     try:
-        if outside:
-            with input_hooks(module, outside, feed(accs)):
+        if outside or out_outside:
+            with input_hooks(module, outside, feed(accs)), output_hooks(module, out_outside, feed(out_accs)):
                 for ids in token_batches(module, tokens, batch_size):
                     module(input_ids=ids, use_cache=False)
         angles: list[float] | None = None
-        if in_layer or block_angles:
+        if in_layer or out_in_layer or block_angles:
             stream = DecoderStream.capture(module, tokens, batch_size)
-            last = len(stream.layers) - 1 if block_angles else max(in_layer)
+            last = len(stream.layers) - 1 if block_angles else max([*in_layer, *out_in_layer])
             angles = [] if block_angles else None
             for i in range(last + 1):
-                with input_hooks(module, in_layer.get(i, []), feed(accs)):
-                    outputs = stream.run(i)
-                for name in in_layer.get(i, []):  # finished: its float64 sums go, one layer's at a time
+                with input_hooks(module, in_layer.get(i, []), feed(accs)), \
+                        output_hooks(module, out_in_layer.get(i, []), feed(out_accs)):
+                    hidden = stream.run(i)
+                # finished: its float64 sums go, one layer's at a time
+                for name in in_layer.get(i, []):
                     done[name] = accs.pop(name).result()
+                for name in out_in_layer.get(i, []):
+                    out_done[name] = out_accs.pop(name).result()
                 if angles is not None:
-                    per_token = torch.cat([token_angles(h, o) for h, o in zip(stream.hidden, outputs)])
+                    per_token = torch.cat([token_angles(h, o) for h, o in zip(stream.hidden, hidden)])
                     angles.append(float(per_token.mean()))
                 if i < last:
-                    stream.advance(i, outputs)
+                    stream.advance(i, hidden)
     finally:
         module.train(was_training)
     done.update({name: acc.result() for name, acc in accs.items()})
-    return LayerStats({name: done[name] for name in modules}, angles)
+    out_done.update({name: acc.result() for name, acc in out_accs.items()})
+    return LayerStats({name: done[name] for name in modules}, angles, {name: out_done[name] for name in outputs})

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from slimc.compiler.calibration.sources import draw_windows, open_source, pydoc_split, pydoc_text
-from slimc.compiler.calibration.stats import MomentAccumulator, collect_input_stats
+from slimc.compiler.calibration.stats import MomentAccumulator, collect_input_stats, collect_layer_stats
 from slimc.compiler.model import Model
 from slimc.errors import SlimcError
 
@@ -134,6 +134,36 @@ def test_layerwise_stats_match_a_full_forward():
         torch.testing.assert_close(st.gram.double(), x.T @ x, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(st.covariance(), torch.cov(x.T, correction=0), rtol=1e-4, atol=1e-5)
         assert st.mean.dtype == torch.float64 and st.gram.dtype == torch.float32  # the Gram is held in float32
+
+
+def test_layerwise_output_moments_match_a_full_forward():
+    """Output moments in the same layer-by-layer pass: a linear, an MLP, a whole decoder layer (tuple or
+    tensor output, its hidden state) and the final norm outside the layers."""
+    model = tiny_llama()
+    tokens = torch.randint(0, 256, (6, 10), generator=torch.Generator().manual_seed(4))
+    outs = ["model.layers.0.self_attn.o_proj", "model.layers.1.mlp", "model.layers.2", "model.norm"]
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in outs}
+
+    def keep(n):
+        def hook(_m, _a, out):
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            seen[n].append(out.reshape(-1, out.shape[-1]))
+        return hook
+
+    hs = [model.module.get_submodule(n).register_forward_hook(keep(n)) for n in outs]
+    with torch.no_grad():
+        model.module(input_ids=tokens, use_cache=False)
+    for h in hs:
+        h.remove()
+    result = collect_layer_stats(model, tokens, ["model.layers.1.mlp.down_proj"], outputs=outs, gram=True, batch_size=4)
+    assert set(result.outputs) == set(outs) and set(result.inputs) == {"model.layers.1.mlp.down_proj"}
+    for n in outs:
+        x = torch.cat(seen[n]).double()
+        st = result.outputs[n]
+        assert st.count == 60
+        torch.testing.assert_close(st.mean, x.mean(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(st.var, x.var(0, unbiased=False), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(st.covariance(), torch.cov(x.T, correction=0), rtol=1e-4, atol=1e-5)
 
 
 def test_unknown_module_is_a_slimc_error():
