@@ -10,7 +10,8 @@ Objectives (each a mean over the whole calibration set, so micro-batches add up 
     loss       f = mean next-token negative log-likelihood (first-order Taylor, as LLM-Pruner)
 
 The backward runs over micro-batches of `batch_size` windows, autograd adding each one's
-gradients into `.grad`; only the named parameters require gradients (embeddings and the LM head
+gradients into `.grad` (in the parameters' dtype: a bfloat16 model sums in bfloat16, enough for a
+ranking, and holds no float32 copy); only the named parameters require gradients (embeddings and the LM head
 do not, so a tied head costs no gradient memory). Peak memory is the weights, one gradient per
 named parameter and one micro-batch's activations; the saliency replaces each gradient in place.
 """
