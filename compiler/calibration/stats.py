@@ -16,7 +16,9 @@ unchanged and round to a cosine just above 1 (NaN otherwise).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -139,6 +141,39 @@ def collect_input_stats(
     return collect_layer_stats(model, tokens, modules, gram=gram, batch_size=batch_size).inputs
 
 
+class _Side:
+    """The modules measured on one side (their inputs, or their outputs): accumulators, which decoder
+    layer each runs in (None: outside the layers) and the finished statistics."""
+
+    def __init__(self, module: nn.Module, names: Sequence[str], hooks: Callable, gram: bool):
+        self.names = list(names)
+        self.hooks = hooks
+        self.accs = accumulators(self.names, gram)
+        self.done: dict[str, InputStats] = {}
+        self.in_layer: dict[int, list[str]] = {}
+        self.outside: list[str] = []
+        for name in self.names:
+            idx = decoder_layer_index(module, name)
+            (self.outside if idx is None else self.in_layer.setdefault(idx, [])).append(name)
+
+    def finish(self, names: Sequence[str]) -> None:
+        for name in names:
+            self.done[name] = self.accs.pop(name).result()
+
+    def results(self) -> dict[str, InputStats]:
+        self.finish(list(self.accs))
+        return {name: self.done[name] for name in self.names}
+
+
+@contextlib.contextmanager
+def _watching(module: nn.Module, sides: Sequence[_Side], names_of: Callable[[_Side], list[str]]) -> Iterator[None]:
+    """Every side's hooks on the modules `names_of(side)` picks, while active."""
+    with contextlib.ExitStack() as stack:
+        for side in sides:
+            stack.enter_context(side.hooks(module, names_of(side), feed(side.accs)))
+        yield
+
+
 @torch.no_grad()
 def collect_layer_stats(
     model: Model | nn.Module,
@@ -163,39 +198,25 @@ def collect_layer_stats(
             module.get_submodule(name)
         except AttributeError:
             raise SlimcError(f"collect_input_stats: the model has no module '{name}'") from None
-    accs = accumulators(modules, gram)
-    out_accs = accumulators(list(outputs), gram)
-    done: dict[str, InputStats] = {}
-    out_done: dict[str, InputStats] = {}
-    in_layer: dict[int, list[str]] = {}
-    out_in_layer: dict[int, list[str]] = {}
-    outside: list[str] = []
-    out_outside: list[str] = []
-    for names, per_layer, rest in ((modules, in_layer, outside), (outputs, out_in_layer, out_outside)):
-        for name in names:
-            idx = decoder_layer_index(module, name)
-            (rest if idx is None else per_layer.setdefault(idx, [])).append(name)
+    sides = (_Side(module, modules, input_hooks, gram), _Side(module, outputs, output_hooks, gram))
     was_training = module.training
     module.eval()
     try:
-        if outside or out_outside:
-            with input_hooks(module, outside, feed(accs)), output_hooks(module, out_outside, feed(out_accs)):
+        if any(side.outside for side in sides):
+            with _watching(module, sides, lambda side: side.outside):
                 for ids in token_batches(module, tokens, batch_size):
                     module(input_ids=ids, use_cache=False)
         angles: list[float] | None = None
-        if in_layer or out_in_layer or block_angles:
+        used = [i for side in sides for i in side.in_layer]
+        if used or block_angles:
             stream = DecoderStream.capture(module, tokens, batch_size)
-            last = len(stream.layers) - 1 if block_angles else max([*in_layer, *out_in_layer])
+            last = len(stream.layers) - 1 if block_angles else max(used)
             angles = [] if block_angles else None
             for i in range(last + 1):
-                with input_hooks(module, in_layer.get(i, []), feed(accs)), \
-                        output_hooks(module, out_in_layer.get(i, []), feed(out_accs)):
+                with _watching(module, sides, lambda side: side.in_layer.get(i, [])):
                     hidden = stream.run(i)
-                # finished: its float64 sums go, one layer's at a time
-                for name in in_layer.get(i, []):
-                    done[name] = accs.pop(name).result()
-                for name in out_in_layer.get(i, []):
-                    out_done[name] = out_accs.pop(name).result()
+                for side in sides:  # finished: its float64 sums go, one layer's at a time
+                    side.finish(side.in_layer.get(i, []))
                 if angles is not None:
                     per_token = torch.cat([token_angles(h, o) for h, o in zip(stream.hidden, hidden)])
                     angles.append(float(per_token.mean()))
@@ -203,6 +224,4 @@ def collect_layer_stats(
                     stream.advance(i, hidden)
     finally:
         module.train(was_training)
-    done.update({name: acc.result() for name, acc in accs.items()})
-    out_done.update({name: acc.result() for name, acc in out_accs.items()})
-    return LayerStats({name: done[name] for name in modules}, angles, {name: out_done[name] for name in outputs})
+    return LayerStats(sides[0].results(), angles, sides[1].results())
