@@ -198,6 +198,12 @@ def _module_of(module: nn.Module, param: str) -> tuple[str, str, nn.Module | Non
         return path, leaf, None
 
 
+def _slice_owner(module: nn.Module, s: Slice) -> tuple[str, str, nn.Module | None, tuple[int, int] | None]:
+    """(module path, parameter leaf name, module, its (out, in) axes when it is a linear) of a slice."""
+    path, leaf, mod = _module_of(module, s.param)
+    return path, leaf, mod, linear_axes(mod) if mod is not None else None
+
+
 def output_projection(group: Group, module: nn.Module) -> Projection | None:
     """The linear whose input channels `group` owns (one slice on a weight's input axis), from the
     group's slices and the module types alone.
@@ -211,8 +217,7 @@ def output_projection(group: Group, module: nn.Module) -> Projection | None:
     linear_in: list[tuple[str, Slice, int]] = []
     other: list[tuple[str, Slice]] = []
     for s in group.slices:
-        path, leaf, mod = _module_of(module, s.param)
-        axes = linear_axes(mod) if mod is not None else None
+        path, leaf, mod, axes = _slice_owner(module, s)
         if axes is not None:
             if leaf == "weight" and s.axis == axes[1]:
                 linear_in.append((path, s, axes[1]))
@@ -336,8 +341,7 @@ def _neuron_like(g: Group, module: nn.Module) -> bool:
     column per channel: an MLP neuron whose linears the rules saw as matmuls (Falcon's `x @ W.T`)."""
     out_side = in_side = False
     for s in g.slices:
-        _, leaf, mod = _module_of(module, s.param)
-        axes = linear_axes(mod) if mod is not None else None
+        _, leaf, _, axes = _slice_owner(module, s)
         if axes is None:
             return False
         if leaf == "bias" or s.axis == axes[0]:
@@ -352,8 +356,7 @@ def _neuron_like(g: Group, module: nn.Module) -> bool:
 def _feeds_a_linear(g: Group, module: nn.Module) -> bool:
     """`g` owns input columns of some linear weight."""
     for s in g.slices:
-        _, leaf, mod = _module_of(module, s.param)
-        axes = linear_axes(mod) if mod is not None else None
+        _, leaf, _, axes = _slice_owner(module, s)
         if axes is not None and leaf == "weight" and s.axis == axes[1]:
             return True
     return False

@@ -38,7 +38,7 @@ from slimc.compiler.groups import Group
 from slimc.compiler.model import Model
 from slimc.errors import SlimcError
 
-__all__ = ["ATTN", "MLP", "Units", "DecoderUnits", "decoder_units", "input_columns", "out_weight"]
+__all__ = ["ATTN", "MLP", "Units", "DecoderUnits", "decoder_units", "out_weight"]
 
 EXAMPLE_TOKENS = 5  # tokens the decoder layers are exported on (shapes only; any ids do)
 
@@ -73,14 +73,6 @@ class DecoderUnits(list):
         super().__init__(layers)
         self.whole: list[dict[str, Any]] = whole or []  # {"layer", "part", "name", "role", "size", "reason"}
         self.groups: list[LayerGroups] = groups or []  # the analysis' view of every layer
-
-
-def input_columns(group: Group, param: str, axis: int = 1) -> torch.Tensor:
-    """index [units, k] of the entries along `axis` (the input axis) of weight `param` owned by each unit of `group`."""
-    for s in group.slices:
-        if s.param == param and s.axis == axis:
-            return s.index
-    raise SlimcError(f"group {group.name} owns no input entries of {param} (axis {axis})")
 
 
 def out_weight(u: Units, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
