@@ -83,6 +83,10 @@ def _int_like(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _int_scalar(value: Any) -> bool:
+    return _int_like(value) and not isinstance(value, (tuple, list))
+
+
 def signature(module: nn.Module) -> Signature:
     """The module's structure. A `SparseLinear` counts as the dense `nn.Linear` it packs (its weight
     [out, in], its bias), so a resize record describes dense layers and `slimc_sparsity` applies on top."""
@@ -251,21 +255,16 @@ def _width_changes(module: nn.Module, built: nn.Module) -> dict[int, int] | None
     return {old: next(iter(v)) for old, v in changes.items()}
 
 
-def _generic_stock_candidate(model: Model, data: dict[str, Any]) -> dict[str, Any] | None:
-    """A stock config for a uniformly pruned model of any family, or None.
+def _generic_stock_candidate(model: Model, data: dict[str, Any], built: nn.Module) -> dict[str, Any] | None:
+    """A stock config for a uniformly pruned model of any family, or None (`built`: what `data` builds).
 
     Each changed axis (original size d -> d') proposes, for every width-like integer key of the config
     whose value v divides d, the value d' / (d / v) (v = 1536 neurons, d = 1536 -> 1229; v = 9 heads,
-    d = 9 x 64 -> 6 heads); keys left unset (GPT-2's n_inner, a derived head_dim) may take d' or the value
-the built modules hold under that name. Combinations are tried,
-    most keys changed first, and one is accepted only when its meta-device build has exactly the
+    d = 9 x 64 -> 6 heads); keys left unset (GPT-2's n_inner, a derived head_dim) may take d' or the
+    value the built modules hold under that name. Combinations are tried, most keys changed first, and one is accepted only when its meta-device build has exactly the
     module's tensors, so a coincidental divisor cannot produce a wrong config."""
     import itertools
 
-    try:
-        built = _meta_build(data)
-    except Exception:  # noqa: BLE001 — a config transformers cannot build here
-        return None
     changes = _width_changes(model.module, built)
     if not changes:
         return None
@@ -277,9 +276,9 @@ the built modules hold under that name. Combinations are tried,
         if v is None:
             # an unset key takes a new width, or the value the built modules hold under its name
             # (Llama's head_dim, derived as hidden / heads, must be stated once the heads change)
-            held = {a[key] for a in built_attrs.values() if key in a and _int_like(a[key]) and not isinstance(a[key], (tuple, list))}
+            held = {a[key] for a in built_attrs.values() if key in a and _int_scalar(a[key])}
             values = sorted(set(changes.values()) | held)
-        elif _int_like(v) and not isinstance(v, (tuple, list)) and v > 0:
+        elif _int_scalar(v) and v > 0:
             values = sorted({new // (old // v) for old, new in changes.items() if old % v == 0 and new % (old // v) == 0})
             values = [x for x in values if x != v and x > 0]
         else:
@@ -310,14 +309,14 @@ def derive_config(model: Model) -> tuple[dict[str, Any], bool]:
     candidate = _stock_candidate(model, data)
     if _stock_fits(model.module, candidate):
         return candidate, False
-    generic = _generic_stock_candidate(model, data)
-    if generic is not None:
-        return generic, False
     try:
         built = _meta_build(data)
     except Exception:  # noqa: BLE001 — a config transformers cannot build here
         # nothing to compare with: write the config as it is and let the reload check judge it
         return candidate, False
+    generic = _generic_stock_candidate(model, data, built)
+    if generic is not None:
+        return generic, False
     record = resize_record(model.module, built)
     return {
         "model_type": resized.SlimcResizedConfig.model_type,
