@@ -61,7 +61,9 @@ def sparsegpt_nm(
             u = _inverse_cholesky_upper(h + lam * torch.eye(inp, dtype=torch.float64))
             break
         except torch.linalg.LinAlgError:
-            lam = lam * 10 if lam > 0 else 1e-6 * max(mean_diag, 1.0)
+            # ten times more, and at least 1e-6 of the mean diagonal: a vanishing `damp` (5e-324) would
+            # otherwise stay negligible through every retry
+            lam = max(lam * 10, 1e-6 * max(mean_diag, 1.0))
     if u is None:
         raise torch.linalg.LinAlgError("SparseGPT: the calibration Gram matrix is not positive definite even with damping")
     u = u.to(torch.float32)

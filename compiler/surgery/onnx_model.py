@@ -375,6 +375,11 @@ class _Surgeon:
     def reshape(self, n: ir.Node) -> None:
         x, out = n.inputs[0], n.outputs[0]
         sin, sout = self.shape(x, n), self.shape(out, n)
+        for a, idx in self.get(x).items():
+            if isinstance(sin[a], int) and len(idx) >= sin[a]:
+                # an empty tensor has no layout to map the removed axis through (and a -1 in the target is undefined)
+                raise self.fail(n, f"the plan removes all {sin[a]} entries of axis {a} of '{x.name}', and an empty tensor "
+                                "cannot be reshaped; keep at least one channel of each group")
         rout = _map_reshape(sin, sout, self.get(x))
         if rout is None:
             raise self.fail(n, f"the removed indices of {sin} cannot be expressed in the reshaped layout {sout}")

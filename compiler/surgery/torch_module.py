@@ -72,14 +72,17 @@ def apply_plan(module: nn.Module, plan: Mapping[Group, Sequence[int]]) -> dict[s
         for axis, idx in axes.items():
             axis = axis % t.dim()
             merged[axis] = torch.unique(torch.cat([merged[axis], idx])) if axis in merged else idx
+    for name, t, axes in by_tensor.values():
+        for axis, idx in axes.items():
+            if int(idx.max()) >= t.shape[axis]:
+                raise SlimcError(f"tensor '{name}' axis {axis} has {t.shape[axis]} entries; plan removes index {int(idx.max())}")
+    _refuse_empty(module, plan, by_tensor, owners)
     old_shapes: dict[int, torch.Size | None] = {}
     with torch.no_grad():
         for name, t, axes in by_tensor.values():
             new = t
             for axis, idx in axes.items():
                 n = new.shape[axis]
-                if int(idx.max()) >= n:
-                    raise SlimcError(f"tensor '{name}' axis {axis} has {n} entries; plan removes index {int(idx.max())}")
                 keep = torch.ones(n, dtype=torch.bool)
                 keep[idx] = False
                 new = new.index_select(axis, keep.nonzero().squeeze(1).to(new.device))
@@ -98,6 +101,35 @@ def apply_plan(module: nn.Module, plan: Mapping[Group, Sequence[int]]) -> dict[s
                 setattr(mod, upd.attr, getattr(mod, upd.attr) - upd.per_channel * n)
     after = sum(p.numel() for p in module.parameters())
     return {"params_removed": before - after}
+
+
+def _refuse_empty(module: nn.Module, plan: Mapping[Group, Sequence[int]],
+                  by_tensor: dict[int, tuple[str, torch.Tensor, dict[int, torch.Tensor]]],
+                  owners: dict[int, list[tuple[nn.Module, str, bool]]]) -> None:
+    """Raise SlimcError, before anything is cut, when the plan leaves a module that cannot run empty.
+
+    Removing every channel of a group gives zero-width tensors. `nn.Linear` computes with those
+    (no outputs, or only its bias), so an emptied MLP of Linears still runs and equals the masked
+    model; a convolution, a norm, transformers' Conv1D or a 3-D expert tensor does not, and a
+    counter such as `num_heads` at zero breaks the reshapes that read it. Those plans are refused.
+    """
+    full = [g.name for g, chans in plan.items() if g.size and len(channels(chans)) == g.size]
+    keep = f"keep at least one channel of {', '.join(full)}" if full else "keep at least one channel of each group"
+    for group, chans in plan.items():
+        n = len(channels(chans))
+        for upd in group.attrs:
+            mod = module.get_submodule(upd.module)
+            if n and getattr(mod, upd.attr) - upd.per_channel * n <= 0:
+                raise SlimcError(f"the plan removes every channel of group {group.name}: {upd.module}.{upd.attr} would become "
+                                 f"{getattr(mod, upd.attr) - upd.per_channel * n}; {keep}")
+    for name, t, axes in by_tensor.values():
+        for axis, idx in axes.items():
+            if idx.numel() < t.shape[axis]:
+                continue
+            for mod, _, _ in owners[id(t)]:
+                if not isinstance(mod, nn.Linear):
+                    raise SlimcError(f"the plan removes all {t.shape[axis]} entries of axis {axis} of '{name}', and a "
+                                     f"{type(mod).__name__} cannot run with zero width; {keep}")
 
 
 def _shape_of(mod: nn.Module) -> torch.Size | None:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from slimc.errors import SlimcError
+
 STRUCTURES = ("UL-UM", "UL-MM", "AL-MM", "AL-AM")
 
 
@@ -126,9 +128,10 @@ def module_ratios(attn: list[UnitSet], mlp: list[UnitSet], sparsity: float, attn
     a_tot = sum(s.total for s in attn)
     m_tot = sum(s.total for s in mlp)
     p_mlp = (sparsity * (a_tot + m_tot) - attn_sparsity * a_tot) / max(m_tot, 1)
-    if not 0.0 <= p_mlp < 1.0:
-        raise ValueError(
-            f"attn_sparsity={attn_sparsity} cannot reach overall sparsity {sparsity}: the MLP would need to remove {p_mlp:.3f} of its weights"
+    if not 0.0 <= p_mlp < 1.0:  # an option combination the user chose: a one-line error, not a crash
+        raise SlimcError(
+            f"attn_sparsity={attn_sparsity} cannot reach overall sparsity {sparsity}: the MLP would need to remove {p_mlp:.3f} "
+            "of its weights; choose an attn_sparsity nearer the sparsity"
         )
     return attn_sparsity, p_mlp
 
@@ -194,7 +197,8 @@ def two_pools(attn: list[UnitSet], mlp: list[UnitSet], sparsity: float, gamma: f
         f_m = 1.0
         f_a = (removed - m_tot) / max(a_tot, 1)
     if f_a > 1.0:
-        raise ValueError(f"sparsity {sparsity} cannot be reached with gamma {gamma}")
+        raise SlimcError(f"sparsity {sparsity} cannot be reached with gamma {gamma}: it would remove more than every "
+                         "attention and MLP unit; lower the sparsity")
     return select_global(attn, (1.0 - f_a) * a_tot), select_global(mlp, (1.0 - f_m) * m_tot)
 
 
@@ -203,7 +207,8 @@ def block_keep_ratios(importance: torch.Tensor, keep: float, temperature: float,
     """Per-layer keep ratios with mean `keep`, higher for layers of higher block importance.
 
     r_l = keep * s_l / mean(s), s_l = sigmoid(slope * (I_l - mean(I)) / temperature). Ratios above
-    `max_keep` are capped and the excess is spread over the uncapped layers in proportion to s.
+    `max_keep` are capped and the excess is spread over the uncapped layers in proportion to s (evenly
+    where every uncapped s has underflowed to 0, as a tiny temperature makes it).
     """
     imp = importance.double()
     if temperature <= 0:
@@ -219,7 +224,14 @@ def block_keep_ratios(importance: torch.Tensor, keep: float, temperature: float,
         capped |= over
         free = ~capped
         budget = keep * r.numel() - cap * int(capped.sum())
-        r = torch.where(capped, torch.full_like(r, cap), budget * s / s[free].sum() if free.any() else r)
+        weight = s[free].sum() if free.any() else None
+        if weight is None:
+            spread = r
+        elif weight > 0:
+            spread = budget * s / weight
+        else:  # a tiny temperature saturates the sigmoid to 0 on every uncapped layer: spread the excess evenly
+            spread = torch.full_like(r, budget / int(free.sum()))
+        r = torch.where(capped, torch.full_like(r, cap), spread)
     return r.clamp(0.0, 1.0)
 
 

@@ -95,7 +95,7 @@ def test_allocate_structures():
     # manual module ratio: attention keeps all, MLP carries the whole cut
     a, m = al.allocate(attn, mlp, 0.25, "AL-MM", attn_sparsity=0.0)
     assert all(x.all() for x in a) and sum(int(x.sum()) for x in m) == 12
-    with pytest.raises(ValueError, match="cannot reach"):
+    with pytest.raises(SlimcError, match="cannot reach"):
         al.allocate(attn, mlp, 0.9, "UL-MM", attn_sparsity=0.0)
 
 
