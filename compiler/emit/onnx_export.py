@@ -5,6 +5,11 @@ Other torch models are exported from `model.example_inputs` with a dynamic batch
 ONNX Runtime runs the file on sample inputs of shapes other than the traced one, and the largest
 absolute / relative difference from PyTorch goes into the report; beyond tolerance (1e-3 absolute
 for LLM logits) the emission fails and nothing is written.
+
+The file depends on the model alone: torch.onnx's per-node stack traces (absolute paths of the
+installed torch, transformers and slimc sources, with line numbers) are dropped before saving, so
+the same model exported from another checkout, or after an unrelated edit to a source file, gives
+the same bytes.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ LLM_ATOL = 1e-3
 FP32_NOISE_FACTOR = 4.0
 FP32_NOISE_REL = 1e-4
 ONNX_NAME = "model.onnx"
+# node metadata that records where in the Python sources a node was traced (file paths, line numbers)
+SOURCE_LOCATION_KEYS = ("pkg.torch.onnx.stack_trace",)
 
 
 class CausalLMLogits(nn.Module):
@@ -123,6 +130,7 @@ def write_onnx(model: Model, out_dir: Path, logits_to_keep: int = 0) -> Path:
                 input_names=names, output_names=["logits"] if model.is_causal_lm else None,
                 verbose=False, report=False,
             )
+            drop_source_locations(program.model)
             program.save(str(path))
     except SlimcError:
         raise
@@ -130,6 +138,17 @@ def write_onnx(model: Model, out_dir: Path, logits_to_keep: int = 0) -> Path:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SlimcError(f"ONNX export failed ({type(e).__name__}: {first}); rerun with --debug for details") from e
     return path
+
+
+def drop_source_locations(model: Any) -> None:
+    """Remove the source-location metadata of every node of an onnx_ir model (main graph, its
+    subgraphs and local functions): it names files of this installation, not the model."""
+    import onnx_ir
+
+    for graph in [model.graph, *model.functions.values()]:
+        for node in onnx_ir.traversal.RecursiveGraphIterator(graph):
+            for key in SOURCE_LOCATION_KEYS:
+                node.metadata_props.pop(key, None)
 
 
 def _run(module: nn.Module, inputs: dict[str, Any]) -> np.ndarray:
@@ -144,6 +163,18 @@ def _run(module: nn.Module, inputs: dict[str, Any]) -> np.ndarray:
 
 def _to64(v: Any) -> Any:
     return v.to(torch.float64) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+
+def output_diff(got: np.ndarray, ref: np.ndarray, what: str) -> float:
+    """Max |got - ref|, where NaN never counts as equal: a non-finite reference is refused (nothing can
+    be verified against it) and a non-finite output where the reference is finite is an infinite diff."""
+    if not ref.size:
+        return 0.0
+    if not np.isfinite(ref).all():
+        raise SlimcError(f"the model's own outputs are not finite (NaN or Inf) on the probe input, so {what} cannot be verified "
+                         "against them; nothing was written (the load warning names the weights that hold NaN/Inf)")
+    diff = np.abs(got - ref)
+    return float(diff.max()) if np.isfinite(diff).all() else float("inf")
 
 
 def float64_errors(module: nn.Module, samples: list[dict[str, Any]], outputs: list[np.ndarray]) -> tuple[float, float]:
@@ -193,7 +224,7 @@ def verify_onnx(model: Model, path: Path, atol: float | None = None) -> dict[str
         if got.shape != ref.shape:
             raise SlimcError(f"ONNX output shape {got.shape} differs from PyTorch {ref.shape}")
         outputs.append(got)
-        diff = float(np.abs(got - ref).max()) if ref.size else 0.0
+        diff = output_diff(got, ref, "the ONNX model")
         scale = max(scale, float(np.abs(ref).max()) if ref.size else 0.0)
         worst_abs = max(worst_abs, diff)
         worst_rel = max(worst_rel, diff / scale if scale > 0 else 0.0)

@@ -2,6 +2,9 @@
 
 The exported program has the same interface as the ONNX export (`input_ids -> logits` for an
 LLM, dynamic batch and sequence), so `torch.export.load(path).module()(ids)` runs it.
+
+As for ONNX, the per-node stack traces torch.export records (absolute source paths and line
+numbers of this installation) are dropped before saving: the archive depends on the model alone.
 """
 
 from __future__ import annotations
@@ -9,10 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from slimc.compiler.emit.onnx_export import _run, export_spec, float64_errors, positional, quiet
+from slimc.compiler.emit.onnx_export import _run, export_spec, float64_errors, output_diff, positional, quiet
 from slimc.compiler.model import Model
 from slimc.errors import SlimcError
 
@@ -28,11 +30,20 @@ def write_pt2(model: Model, out_dir: Path) -> Path:
         with quiet(), torch.no_grad():
             args, kwargs, shapes, _ = positional(module, example, dynamic)
             program = torch.export.export(module, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)
+        drop_stack_traces(program)
         torch.export.save(program, str(path))
     except Exception as e:  # noqa: BLE001 — export failures are many types; the model is the user's
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SlimcError(f"torch.export failed ({type(e).__name__}: {first}); rerun with --debug for details") from e
     return path
+
+
+def drop_stack_traces(program: torch.export.ExportedProgram) -> None:
+    """Remove `stack_trace` from the metadata of every node, nested graphs (control flow) included."""
+    for gm in program.graph_module.modules():
+        if isinstance(gm, torch.fx.GraphModule):
+            for node in gm.graph.nodes:
+                node.meta.pop("stack_trace", None)
 
 
 def verify_pt2(model: Model, path: Path, atol: float = 1e-4) -> dict[str, Any]:
@@ -51,7 +62,7 @@ def verify_pt2(model: Model, path: Path, atol: float = 1e-4) -> dict[str, Any]:
         if got.shape != ref.shape:
             raise SlimcError(f".pt2 output shape {tuple(got.shape)} differs from PyTorch {tuple(ref.shape)}")
         outputs.append(got)
-        worst = max(worst, float(np.abs(got - ref).max()) if ref.size else 0.0)
+        worst = max(worst, output_diff(got, ref, "the .pt2"))
     result = {"check": "torch.export.load vs module", "max_abs_diff": worst, "atol": atol, "ok": worst <= atol}
     if not result["ok"]:
         exported_err, torch_err = float64_errors(module, samples, outputs)

@@ -3,6 +3,13 @@
 It records what came in and what went out (parameter counts, file sizes), each pass's stats and
 time (from `model.history`), the verification results of every emitter, and the per-layer kept
 widths of a decoder LLM (query heads, KV heads, MLP neurons) read from the weights.
+
+The same command gives the same report bytes except for its timings, which are exactly: `created`
+(when the report was written), each pass's `seconds`, and the pass stats whose key ends in
+`_seconds` (`calibration_seconds`, ...). report.md shows timings only in its last section,
+"## Timings", so everything above that heading is byte-identical between runs. The files do not
+record OUT's own location (they are inside it; the table of files is relative to it), so writing to
+another directory, or moving OUT, changes nothing; the input's absolute path is kept as provenance.
 """
 
 from __future__ import annotations
@@ -20,6 +27,11 @@ from slimc.compiler.analysis.llm import recognised_layers
 from slimc.compiler.model import Model
 
 PLOT_NAME = "layer_widths.png"
+TIMING_SUFFIX = "_seconds"  # pass stats named so are wall-clock times
+
+
+def is_timing_stat(key: str) -> bool:
+    return key.endswith(TIMING_SUFFIX)
 
 
 def path_bytes(path: Path | None) -> int | None:
@@ -54,10 +66,13 @@ def model_dtype(model: Model) -> str | None:
 
 
 def jsonable(value: Any) -> Any:
-    """Pass stats may hold tensors, numpy values or paths: make them JSON."""
+    """Pass stats may hold tensors, numpy values, sets or paths: make them JSON (sets sorted)."""
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
+    if isinstance(value, (set, frozenset)):
+        # a set's iteration order follows string hashes, which change per process: sort it
+        return [jsonable(v) for v in sorted(value, key=lambda v: (type(v).__name__, repr(v)))]
+    if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     if isinstance(value, torch.Tensor):
         return value.item() if value.numel() == 1 else value.tolist()
@@ -145,12 +160,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     if inp.get("parameters"):
         kept = out["parameters"] / inp["parameters"]
         lines += [f"Parameters kept: {kept:.2%}", ""]
-    lines += ["## Passes", "", "| pass | modified | seconds | stats |", "| --- | --- | --- | --- |"]
+    lines += ["## Passes", "", "| pass | modified | stats |", "| --- | --- | --- |"]
     for p in report["passes"]:
-        stats = ", ".join(f"{k}={_fmt(v)}" for k, v in p["stats"].items() if not isinstance(v, (list, dict)))
-        lines.append(f"| {p['name']} | {p['modified']} | {p['seconds']:.2f} | {stats} |")
+        stats = ", ".join(f"{k}={_fmt(v)}" for k, v in p["stats"].items()
+                          if not isinstance(v, (list, dict)) and not is_timing_stat(k))
+        lines.append(f"| {p['name']} | {p['modified']} | {stats} |")
     if not report["passes"]:
-        lines.append("| (none) | | | |")
+        lines.append("| (none) | | |")
     probes = [(p["name"], p["checks"]["probe"]) for p in report["passes"] if p.get("checks", {}).get("probe")]
     if probes:
         lines += ["", "Output drift on the probe input after each pass (`--check-passes`):", "",
@@ -178,7 +194,22 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {row['layer']} | {row['num_heads']} | {row['num_kv_heads']} | {row['intermediate_size']} |")
     lines += ["", "## Files", "", "| file | size |", "| --- | --- |"]
     lines += [f"| {name} | {_mib(size)} |" for name, size in out["files"].items()]
+    lines += _timings_section(report)
     return "\n".join(lines) + "\n"
+
+
+def _timings_section(report: dict[str, Any]) -> list[str]:
+    """The last section of report.md, the only one holding wall-clock values."""
+    lines = ["", "## Timings", "", "Wall-clock times; they differ from run to run, the rest of this report does not.", ""]
+    if report.get("created"):
+        lines += [f"Written: {report['created']}", ""]
+    lines += ["| pass | seconds | timed stats |", "| --- | --- | --- |"]
+    for p in report["passes"]:
+        timed = ", ".join(f"{k}={_fmt(v)}" for k, v in p["stats"].items() if is_timing_stat(k))
+        lines.append(f"| {p['name']} | {p['seconds']:.2f} | {timed} |")
+    if not report["passes"]:
+        lines.append("| (none) | | |")
+    return lines
 
 
 def plot_layer_widths(layers: list[dict[str, int]], path: Path, before: list[dict[str, int]] | None = None) -> None:
@@ -211,9 +242,17 @@ def plot_layer_widths(layers: list[dict[str, int]], path: Path, before: list[dic
     plt.close(fig)
 
 
+def as_written(report: dict[str, Any]) -> dict[str, Any]:
+    """The report as stored inside OUT: without `output.path` (OUT's absolute location, which a
+    caller of `save` may want but which a file inside OUT need not state, and which would make two
+    otherwise identical outputs differ by where they were written)."""
+    return {**report, "output": {k: v for k, v in report["output"].items() if k != "path"}}
+
+
 def write_report(report: dict[str, Any], out_dir: Path, before_layers: list[dict[str, int]] | None = None) -> None:
     if report.get("layers"):
         plot_layer_widths(report["layers"], out_dir / PLOT_NAME, before_layers)
         report["plot"] = PLOT_NAME
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "report.md").write_text(render_markdown(report))
+    stored = as_written(report)
+    (out_dir / "report.json").write_text(json.dumps(stored, indent=2) + "\n")
+    (out_dir / "report.md").write_text(render_markdown(stored))

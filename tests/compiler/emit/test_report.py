@@ -20,8 +20,9 @@ def tiny() -> Model:
 def test_jsonable_handles_tensors_numpy_and_nan():
     import numpy as np
 
-    out = jsonable({"a": torch.tensor(2.5), "b": torch.arange(3), "c": np.float32(1.5), "d": float("nan"), 4: (1, 2)})
-    assert out == {"a": 2.5, "b": [0, 1, 2], "c": 1.5, "d": "nan", "4": [1, 2]}
+    out = jsonable({"a": torch.tensor(2.5), "b": torch.arange(3), "c": np.float32(1.5), "d": float("nan"), 4: (1, 2),
+                    "e": {"q_proj", "k_proj", "v_proj"}})
+    assert out == {"a": 2.5, "b": [0, 1, 2], "c": 1.5, "d": "nan", "4": [1, 2], "e": ["k_proj", "q_proj", "v_proj"]}
     json.dumps(out)
 
 
@@ -50,7 +51,8 @@ def test_report_files(tmp_path):
     png = (tmp_path / "layer_widths.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     md = (tmp_path / "report.md").read_text()
-    assert "| magnitude | True | 0.50 | params_removed=960, sparsity=0.2 |" in md
+    assert "| magnitude | True | params_removed=960, sparsity=0.2 |" in md
+    assert md.split("\n## Timings\n")[1].count("| magnitude | 0.50 |") == 1  # timings only in the last section
     assert "| hf | reload + logits | ok | 0 | 0.0001 |" in md
     assert "99,999" in md
 
