@@ -20,7 +20,10 @@ class PipelineError(SlimcError):
         self.before = list(before)
         self.cause = cause
         ran = ", ".join(before) if before else "none"
-        super().__init__(f"pass '{failed}' failed ({type(cause).__name__}: {cause}); passes run before it: {ran}")
+        if isinstance(cause, SlimcError):  # already says what went wrong and what to do: keep it readable
+            super().__init__(f"pass '{failed}': {cause} (passes run before it: {ran})")
+        else:
+            super().__init__(f"pass '{failed}' failed ({type(cause).__name__}: {cause}); passes run before it: {ran}")
 
 
 class PostconditionError(SlimcError):

@@ -139,12 +139,14 @@ def run_command(
     set_: list[str] = typer.Option([], "--set", help="override a recipe option: pass.key=value (repeatable)"),
     check_passes: bool = typer.Option(False, "--check-passes", help="after every pass, check the model's outputs on a probe input and report their drift"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow loading a pickled nn.Module (runs code from the file)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow code shipped in a checkpoint (auto_map) to run"),
     config: Optional[str] = typer.Option(None, "--config", help="HF config dir/json for a .pt state dict (its tokenizer is used too)"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Compress MODEL with a recipe and write a verified checkpoint to OUT."""
     with user_errors(debug):
-        _run(model, recipe, output, format, calib, tokenizer, device, dtype, seed, set_, check_passes, trust_pickle, config)
+        _run(model, recipe, output, format, calib, tokenizer, device, dtype, seed, set_, check_passes, trust_pickle, config,
+             trust_remote_code)
 
 
 def default_format(model_arg: str) -> str:
@@ -155,7 +157,7 @@ def default_format(model_arg: str) -> str:
 
 def _run(model_arg: str, recipe_arg: str, output: Path | None, format: str | None, calib: str, tokenizer: str | None,
          device: str, dtype: str | None, seed: int, overrides: list[str], check_passes: bool, trust_pickle: bool,
-         config: str | None) -> None:
+         config: str | None, trust_remote_code: bool = False) -> None:
     from slimc import api
     from slimc.compiler.calibration.sources import open_source
     from slimc.compiler.emit.atomic import check_output
@@ -175,7 +177,8 @@ def _run(model_arg: str, recipe_arg: str, output: Path | None, format: str | Non
     quiet_libraries()
     with Steps() as steps:
         with steps.step(f"Loading {model_arg}"):
-            model = api.load(model_arg, trust_pickle=trust_pickle, config=config, tokenizer=tokenizer)
+            model = api.load(model_arg, trust_pickle=trust_pickle, config=config, tokenizer=tokenizer,
+                             trust_remote_code=trust_remote_code)
         # what the passes cannot run on, or the output cannot hold, is refused before any work
         api.check(model, recipe, calib=calib, device=device, dtype=dtype)
         check_writable(model, formats_for(format))
@@ -297,6 +300,7 @@ def inspect_command(
     model: str = typer.Argument(..., help="HF dir, .gguf, .pt2, .onnx, .pt, or 'smollm2'"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow loading a pickled nn.Module"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow code shipped in a checkpoint (auto_map) to run"),
     config: Optional[str] = typer.Option(None, "--config", help="HF config dir/json for a .pt state dict"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
@@ -306,7 +310,7 @@ def inspect_command(
 
     with user_errors(debug):
         quiet_libraries()
-        info = jsonable(inspect_model(load(model, trust_pickle=trust_pickle, config=config)))
+        info = jsonable(inspect_model(load(model, trust_pickle=trust_pickle, config=config, trust_remote_code=trust_remote_code)))
         if as_json:
             typer.echo(json.dumps(info, indent=2))
             return
@@ -354,6 +358,7 @@ def export_command(
     format: str = typer.Option("onnx", "--format", "-f", help="onnx | pt2 | hf | all"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="output directory [default: <input>-<format>]"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow loading a pickled nn.Module"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow code shipped in a checkpoint (auto_map) to run"),
     config: Optional[str] = typer.Option(None, "--config", help="HF config dir/json for a .pt state dict"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
@@ -370,7 +375,7 @@ def export_command(
         quiet_libraries()
         with Steps() as steps:
             with steps.step(f"Loading {model}"):
-                m = load(model, trust_pickle=trust_pickle, config=config)
+                m = load(model, trust_pickle=trust_pickle, config=config, trust_remote_code=trust_remote_code)
             report = save(m, out, format=format, protect=[in_path], input_info=_input_info(m, in_path),
                           before_layers=layer_widths(m), step=steps.step)
         _summary(report, out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator
 
 import typer
@@ -23,11 +24,20 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    typer.echo(f"warning: {' '.join(str(message).split())}", err=True)
+
+
 @contextlib.contextmanager
 def user_errors(debug: bool) -> Iterator[None]:
-    """SlimcError -> `error: <one line>` on stderr, exit 2; with --debug the traceback is kept."""
+    """SlimcError -> `error: <one line>` on stderr, exit 2; with --debug the traceback is kept.
+
+    Python warnings raised meanwhile print as one `warning: <text>` line each (without --debug)."""
     try:
-        yield
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.showwarning = _show_warning
+            yield
     except SlimcError as e:
         if debug:
             raise

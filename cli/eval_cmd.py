@@ -39,6 +39,7 @@ def evaluate(
     trust_pickle: bool = False,
     config: str | None = None,
     tokenizer: str | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Load a model and measure it; the dict the command prints."""
     from slimc.api import load
@@ -53,7 +54,7 @@ def evaluate(
     if text is not None and not text.is_file():
         raise SlimcError(f"text file '{text}' does not exist")
     t0 = time.perf_counter()
-    model = load(model_arg, trust_pickle=trust_pickle, config=config, tokenizer=tokenizer)
+    model = load(model_arg, trust_pickle=trust_pickle, config=config, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
     load_s = time.perf_counter() - t0
     if model.tokenizer is None:
         raise SlimcError(f"{model_arg} has no tokenizer; perplexity needs one (give --tokenizer DIR, or save the tokenizer files beside the model)")
@@ -90,6 +91,7 @@ def eval_command(
     max_windows: Optional[int] = typer.Option(None, "--max-windows", min=1, help="measure at most N windows"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow loading a pickled nn.Module (runs code from the file)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow code shipped in a checkpoint (auto_map) to run"),
     config: Optional[str] = typer.Option(None, "--config", help="HF config dir/json for a .pt state dict"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer dir for a model that ships none"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
@@ -97,7 +99,7 @@ def eval_command(
     """Perplexity over non-overlapping windows, parameter counts and file size of MODEL."""
     with user_errors(debug):
         quiet_libraries()
-        result = evaluate(model, text, split, seq_len, max_windows, trust_pickle, config, tokenizer)
+        result = evaluate(model, text, split, seq_len, max_windows, trust_pickle, config, tokenizer, trust_remote_code)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return

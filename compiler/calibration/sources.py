@@ -63,14 +63,16 @@ def pydoc_split(tokenizer: Any, split: str) -> torch.LongTensor:
     raise ValueError(f"unknown pydoc split {split!r}")
 
 
-def draw_windows(stream: torch.LongTensor, n: int, seq_len: int, seed: int) -> torch.LongTensor:
-    """`n` windows of `seq_len` tokens at random offsets of `stream`, reproducible by `seed`."""
+def draw_windows(stream: torch.LongTensor, n: int, seq_len: int, seed: int, origin: str = "calibration text") -> torch.LongTensor:
+    """`n` windows of `seq_len` tokens at random offsets of `stream`, reproducible by `seed`.
+
+    `origin` names the source in the error a too-short stream raises."""
     if n < 1 or seq_len < 1:
         raise SlimcError(f"calibration needs n >= 1 windows of seq_len >= 1 tokens (got n={n}, seq_len={seq_len})")
     span = stream.numel() - seq_len
     if span < 0:
         raise SlimcError(
-            f"calibration text has {stream.numel()} tokens, fewer than seq_len={seq_len}; use a longer text or a shorter seq_len"
+            f"{origin} has {stream.numel()} tokens, fewer than seq_len={seq_len}; use a longer text or a shorter seq_len"
         )
     gen = torch.Generator().manual_seed(int(seed))
     starts = torch.randint(0, span + 1, (n,), generator=gen)
@@ -88,7 +90,8 @@ class CalibrationSource:
         raise NotImplementedError
 
     def windows(self, tokenizer: Any, n: int, seq_len: int, seed: int) -> torch.LongTensor:
-        return draw_windows(self.tokens(tokenizer), n, seq_len, seed)
+        origin = "the pydoc calibration text" if self.name == PYDOC else f"calibration '{self.name}'"
+        return draw_windows(self.tokens(tokenizer), n, seq_len, seed, origin)
 
 
 class TextSource(CalibrationSource):
@@ -173,10 +176,20 @@ def read_token_file(path: Path) -> torch.LongTensor:
     return _id_stream(rows, str(path))
 
 
+def _utf8(path: Path) -> str:
+    """The file's text; a file that is not UTF-8 (binary, or another encoding) is a SlimcError."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SlimcError(f"{path}: not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}); convert it to UTF-8 "
+                         "(e.g. iconv -t utf-8) or give token ids (.pt / .npy)") from None
+
+
 def _jsonl_objects(path: Path):
     """(line number, parsed object) of every non-empty line of a JSONL file."""
     found = False
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -204,7 +217,7 @@ def read_text_file(path: Path) -> str:
                 raise SlimcError(f"{path}:{lineno}: expected an object with a string 'text' field")
             parts.append(obj["text"])
         return "\n\n".join(parts)
-    text = path.read_text(encoding="utf-8")
+    text = _utf8(path)
     if not text.strip():
         raise SlimcError(f"{path}: the text file is empty")
     return text

@@ -52,8 +52,11 @@ def load_onnx(path: str | Path, *, normalize: bool = True) -> ir.Model:
     p = Path(path)
     if not p.is_file():
         raise SlimcError(f"ONNX file not found: {p}; check the path")
+    if p.stat().st_size > PROTOBUF_LIMIT:
+        raise SlimcError(f"{p} is larger than 2 GB, which a protobuf ONNX file cannot be; save the weights as external data "
+                         "(onnx.save(..., save_as_external_data=True)) and give the .onnx beside them")
     try:
-        model = ir.load(p)
+        model = ir.load(p)  # external tensors are only referenced here, not read
     except Exception as e:  # noqa: BLE001 — any parse failure means "not an ONNX model"
         raise SlimcError(f"{p} is not a readable ONNX model ({type(e).__name__}); export it again with torch.onnx.export") from None
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
@@ -61,9 +64,71 @@ def load_onnx(path: str | Path, *, normalize: bool = True) -> ir.Model:
         raise SlimcError(f"{p} is not an ONNX model (no default-domain opset or no nodes); export it again with torch.onnx.export")
     if opset < MIN_OPSET:
         raise SlimcError(f"{p} uses ONNX opset {opset}; slimc needs opset >= {MIN_OPSET}: re-export it (opset_version=18) or upgrade it with onnx.version_converter")
+    check_external_data(model, p)
+    check_graph(model, p)
     if normalize:
         normalize_onnx(model)
     return model
+
+
+PROTOBUF_LIMIT = 2**31  # protobuf messages, and so .onnx files without external data, stay below 2 GB
+KNOWN_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")  # ONNX's own and ONNX Runtime's contrib ops
+
+
+def check_external_data(model: ir.Model, path: Path) -> None:
+    """Refuse, before any byte of it is read, external data that is absent, short, or outside the model's directory.
+
+    ONNX's checker and ONNX Runtime refuse such paths too, but only when the data is loaded; slimc
+    reads tensors while analysing, so the locations are checked first: relative, without `..`,
+    and still inside the directory once symlinks are resolved.
+    """
+    root = path.resolve().parent
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        loc = str(tensor.location)
+        where = f"{path}: initializer '{value.name}' keeps its data in '{loc}'"
+        if Path(loc).is_absolute() or loc.startswith(("\\", "/")) or (len(loc) > 1 and loc[1] == ":"):
+            raise SlimcError(f"{where}, an absolute path; external data must lie beside the model (a relative path inside "
+                             "its directory), so slimc refuses to read it")
+        if ".." in Path(loc).parts or ".." in loc.replace("\\", "/").split("/"):
+            raise SlimcError(f"{where}, which escapes the model's directory; external data must lie inside it")
+        target = root / loc
+        if target.is_symlink() or any(p.is_symlink() for p in target.parents if root in p.parents):
+            resolved = target.resolve()
+            if root not in resolved.parents:
+                raise SlimcError(f"{where}, a symlink that leads outside the model's directory ({resolved}); slimc refuses to read it")
+        if not target.is_file():
+            raise SlimcError(f"{where}, which does not exist beside the model; copy the data file with the .onnx")
+        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+        if end > target.stat().st_size:
+            raise SlimcError(f"{where}: its bytes end at {end} but the file is shorter ({target.stat().st_size} bytes); "
+                             "the data file is truncated or belongs to another model")
+
+
+def check_graph(model: ir.Model, path: Path) -> None:
+    """Refuse graphs ONNX Runtime could not run: an input nothing produces, a cycle (a node reading a
+    later node's output), an op domain neither ONNX nor ONNX Runtime's default build defines."""
+    graph = model.graph
+    functions = {f.domain for f in model.functions.values()} if model.functions else set()
+    seen: set[int] = set()
+    for node in graph:
+        if node.domain not in KNOWN_DOMAINS and node.domain not in functions:
+            raise SlimcError(f"{path}: node '{node.name}' ({node.op_type}) is in op domain '{node.domain}', which neither ONNX "
+                             "nor ONNX Runtime defines; slimc cannot analyse or run it")
+        for v in node.inputs:
+            if v is None:
+                continue
+            producer = v.producer()
+            if producer is None:
+                if not (v.is_graph_input() or v.is_initializer()):
+                    raise SlimcError(f"{path}: input '{v.name}' of node '{node.name}' ({node.op_type}) is not produced by any "
+                                     "node, graph input or initializer (a missing initializer?); export the model again")
+            elif id(producer) not in seen:
+                raise SlimcError(f"{path}: node '{node.name}' reads '{v.name}' before it is computed: the graph has a cycle or is "
+                                 "not in topological order; export the model again")
+        seen.add(id(node))
 
 
 def normalize_onnx(model: ir.Model) -> ir.Model:

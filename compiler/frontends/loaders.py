@@ -29,7 +29,7 @@ import pickle
 import struct
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -83,32 +83,63 @@ def detect_format(path: Path) -> str:
 
 
 def load(
-    path: str | Path, *, trust_pickle: bool = False, config: str | Path | None = None, tokenizer: str | Path | None = None
+    path: str | Path, *, trust_pickle: bool = False, config: str | Path | None = None, tokenizer: str | Path | None = None,
+    trust_remote_code: bool = False,
 ) -> Model:
     """Read a model; the format is chosen from the path (see module docstring).
 
     `tokenizer` (a directory, or a name transformers resolves from its local cache) replaces or
-    supplies the model's tokenizer; without it, a state dict's tokenizer is read from the `config`
-    directory when it holds one.
+    supplies the model's tokenizer (the input's own is then not read); without it, a state dict's
+    tokenizer is read from the `config` directory when it holds one. Code shipped with a checkpoint
+    (`auto_map` in config.json or tokenizer_config.json) runs only with `trust_remote_code`;
+    without it such a checkpoint is refused, never silently loaded as something else.
+    Weights that hold NaN or Inf are loaded with a warning naming them.
     """
     path = resolve_alias(path)
     if not path.exists():
         raise SlimcError(f"{path}: no such file or directory")
     path = resolve_export_dir(path)
     fmt = detect_format(path)
+    own = tokenizer is None  # read the input's tokenizer only when none is given
     if fmt == "hf":
-        model = load_hf_dir(path)
+        model = load_hf_dir(path, tokenizer=own, trust_remote_code=trust_remote_code)
     elif fmt == "gguf":
-        model = load_gguf(path)
+        model = load_gguf(path, tokenizer=own)
     elif fmt == "pt2":
-        model = load_pt2(path)
+        model = load_pt2(path, tokenizer=own)
     elif fmt == "onnx":
-        model = load_onnx_file(path)
+        model = load_onnx_file(path, tokenizer=own)
     else:
-        model = load_pt(path, trust_pickle=trust_pickle, config=config)
+        model = load_pt(path, trust_pickle=trust_pickle, config=config, tokenizer=own)
     if tokenizer is not None:
         model.tokenizer = load_tokenizer(tokenizer)
+    if model.module is not None:
+        warn_nonfinite(model.module.state_dict().items(), path)
+    elif model.onnx is not None:
+        warn_nonfinite(((v.name, v.const_value) for v in model.onnx.graph.initializers.values()), path)
     return model
+
+
+def warn_nonfinite(tensors: Iterable[tuple[str, Any]], origin: Path | str) -> list[str]:
+    """Warn about (and return) the floating-point tensors among (name, tensor) pairs that hold NaN or Inf.
+
+    Torch tensors and ONNX initializers (anything with `.numpy()`) are read; meta tensors are skipped."""
+    import numpy as np
+
+    bad = []
+    for name, t in tensors:
+        if isinstance(t, torch.Tensor):
+            if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+                bad.append(name)
+        elif t is not None and hasattr(t, "numpy"):
+            arr = t.numpy()
+            if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+                bad.append(name)
+    if bad:
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        warnings.warn(f"{origin}: weights hold NaN or Inf values ({shown}); the model's outputs will not be finite",
+                      stacklevel=2)
+    return bad
 
 
 def load_tokenizer(spec: str | Path) -> Any:
@@ -130,30 +161,80 @@ def load_tokenizer(spec: str | Path) -> Any:
 # ---------------------------------------------------------------- Hugging Face directories
 
 
-def check_safetensors(path: Path) -> None:
-    """Raise SlimcError unless `path` has a readable header and all the bytes it promises."""
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit; a larger header is refused unread
+SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+                        "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+
+
+def check_safetensors(path: Path) -> dict[str, dict[str, Any]]:
+    """The tensor entries of a safetensors file, after checking everything its header promises.
+
+    Refused with one `SlimcError` each: a file shorter than its header, a header above the library's
+    100 MB limit (read without allocating it), a header that is not a JSON object of well-formed
+    entries, an unknown dtype, a shape that is not a list of non-negative ints, offsets that are
+    reversed, overlap another tensor's or run past the end of the file, and a byte count that does
+    not equal shape x dtype size.
+    """
     size = path.stat().st_size
+    fix = "re-download or re-save it"
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise SlimcError(f"{path}: not a safetensors file (only {size} bytes); the file is truncated")
+            raise SlimcError(f"{path}: not a safetensors file (only {size} bytes); the file is truncated, {fix}")
         (n,) = struct.unpack("<Q", head)
+        if n > SAFETENSORS_MAX_HEADER:
+            raise SlimcError(f"{path}: safetensors header of {n} bytes is too large (the format allows {SAFETENSORS_MAX_HEADER}); "
+                             f"the file is corrupt or hostile, {fix}")
         if n > size - 8:
-            raise SlimcError(f"{path}: safetensors header is cut off; the file is truncated or corrupt, re-download or re-save it")
+            raise SlimcError(f"{path}: safetensors header is cut off; the file is truncated or corrupt, {fix}")
         try:
-            header = json.loads(f.read(n))
+            header = json.loads(f.read(n).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise SlimcError(f"{path}: safetensors header is not valid JSON; the file is corrupt") from None
-    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise SlimcError(f"{path}: truncated safetensors file ({size} bytes, header promises {8 + n + end}); re-download or re-save it")
+            raise SlimcError(f"{path}: safetensors header is not valid JSON; the file is corrupt, {fix}") from None
+    if not isinstance(header, dict):
+        raise SlimcError(f"{path}: safetensors header is not a JSON object; the file is corrupt, {fix}")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise SlimcError(f"{path}: safetensors __metadata__ must map strings to strings; the file is corrupt, {fix}")
+    data_size = size - 8 - n
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    spans = []
+    for key, entry in entries.items():
+        where = f"{path}: tensor '{key}'"
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise SlimcError(f"{where}: header entry lacks dtype, shape or data_offsets; the file is corrupt, {fix}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in SAFETENSORS_ITEMSIZE:
+            raise SlimcError(f"{where}: unknown dtype {dtype!r}; the file is corrupt or from a newer safetensors, {fix}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise SlimcError(f"{where}: shape {shape!r} is not a list of non-negative integers; the file is corrupt, {fix}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+            raise SlimcError(f"{where}: data_offsets {offsets!r} are not [begin, end] with begin <= end; the file is corrupt, {fix}")
+        count = 1
+        for d in shape:
+            count *= d
+        if offsets[1] - offsets[0] != count * SAFETENSORS_ITEMSIZE[dtype]:
+            raise SlimcError(f"{where}: shape {shape} x {dtype} needs {count * SAFETENSORS_ITEMSIZE[dtype]} bytes but its offsets "
+                             f"hold {offsets[1] - offsets[0]}; the file is corrupt, {fix}")
+        if offsets[1] > data_size:
+            raise SlimcError(f"{path}: truncated safetensors file: tensor '{key}' ends at byte {offsets[1]} of the data, "
+                             f"the file holds {data_size}; {fix}")
+        spans.append((offsets[0], offsets[1], key))
+    reach, holder = 0, ""  # the furthest end seen so far and the tensor that reaches it
+    for begin, end, key in sorted(spans):
+        if begin < reach and end > begin:
+            raise SlimcError(f"{path}: tensors '{holder}' and '{key}' overlap in the file; the file is corrupt or hostile, {fix}")
+        if end > reach:
+            reach, holder = end, key
+    return entries
 
 
 def _weight_files(path: Path) -> list[Path]:
     files = sorted(path.glob("*.safetensors"))
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        names = _index_shards(index)
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise SlimcError(f"{path}: shard(s) {', '.join(missing)} listed in the index are missing")
@@ -165,9 +246,25 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
+def _index_shards(index: Path) -> list[str]:
+    """The shard file names a model.safetensors.index.json lists; each must lie in the index's directory."""
+    data = read_config(index)
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise SlimcError(f"{index}: expected a 'weight_map' of tensor name -> shard file; re-save the checkpoint")
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        if Path(name).name != name:
+            raise SlimcError(f"{index}: shard '{name}' lies outside the checkpoint directory; slimc reads only files beside "
+                             "the index (re-save the checkpoint)")
+    return names
+
+
 def read_config(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SlimcError(f"{path}: not valid JSON (the file is not UTF-8 text)") from None
     except json.JSONDecodeError as e:
         raise SlimcError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(data, dict):
@@ -175,12 +272,20 @@ def read_config(path: Path) -> dict[str, Any]:
     return data
 
 
-def config_from_dict(data: dict[str, Any]):
-    """A transformers config from a config.json dict (slimc's resized and per-layer Llama forms included)."""
+SLIMC_MODEL_TYPES = ("slimc_resized", "slimc_llama")
+
+
+def config_from_dict(data: dict[str, Any], origin: str = "config.json"):
+    """A transformers config from a config.json dict (slimc's resized and per-layer Llama forms included).
+
+    `auto_map` is never followed: slimc's own modeling files are imported directly, and a stock
+    model type is built by transformers' own code; a model type only the checkpoint's code defines is
+    refused (load it with trust_remote_code).
+    """
     from transformers import AutoConfig
 
     data = dict(data)
-    data.pop("auto_map", None)  # slimc's own modeling files are imported directly, not via remote code
+    auto_map = data.pop("auto_map", None)
     model_type = data.pop("model_type", None)
     if model_type == "slimc_resized":
         from slimc.runtime.modeling_slimc_resized import SlimcResizedConfig, check_record
@@ -190,18 +295,36 @@ def config_from_dict(data: dict[str, Any]):
             check_record(config.slimc_resize)
             config.base()
         except (ValueError, KeyError, TypeError) as e:
-            raise SlimcError(f"config.json (a slimc_resized checkpoint) cannot be used: {_first_line(e)}") from None
+            raise SlimcError(f"{origin} (a slimc_resized checkpoint) cannot be used: {_first_line(e)}") from None
         return config
     if model_type == "slimc_llama":
         from slimc.runtime.modeling_slimc_llama import SlimcLlamaConfig
 
         return SlimcLlamaConfig(**data)
     if model_type is None:
-        raise SlimcError("config has no 'model_type'; expected a Hugging Face config.json")
+        raise SlimcError(f"{origin} has no 'model_type'; expected a Hugging Face config.json")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        if auto_map:
+            raise SlimcError(f"{origin}: model_type '{model_type}' is defined by code in the checkpoint (auto_map: "
+                             f"{', '.join(sorted(set(map(str, auto_map.values()))))}); slimc runs such code only with "
+                             "--trust-remote-code, so pass it if you trust the checkpoint's source")
+        raise SlimcError(f"{origin}: model_type '{model_type}' is not an architecture this transformers "
+                         f"({_transformers_version()}) knows; check the config or upgrade transformers")
     try:
-        return AutoConfig.for_model(model_type, **data)
-    except (ValueError, KeyError, TypeError) as e:
-        raise SlimcError(f"config of model_type '{model_type}' cannot be built: {e}") from None
+        config = AutoConfig.for_model(model_type, **data)
+        if hasattr(config, "validate"):
+            config.validate()
+        return config
+    except Exception as e:  # noqa: BLE001 — transformers' field validation raises its own error types
+        raise SlimcError(f"{origin}: a '{model_type}' config cannot be built from it ({_one_line(e)}); fix the config's values") from None
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def _model_class(config):
@@ -237,13 +360,20 @@ def stored_dtype(raw: dict[str, Any]) -> torch.dtype:
     return FLOAT_DTYPES.get(str(name).removeprefix("torch."), torch.float32)
 
 
-def load_hf_dir(path: Path) -> Model:
-    """A Hugging Face checkpoint directory, in the float type its config.json names (float32 by default)."""
+def load_hf_dir(path: Path, *, tokenizer: bool = True, trust_remote_code: bool = False) -> Model:
+    """A Hugging Face checkpoint directory, in the float type its config.json names (float32 by default).
+
+    Every safetensors file is checked before transformers reads it (`check_safetensors`), and the
+    weights must fit the config exactly: a tensor the model needs that the files lack (which
+    transformers would initialise at random) or one the model has no place for is refused.
+    """
     raw = read_config(path / "config.json")
     dtype = stored_dtype(raw)
     for f in _weight_files(path):
         check_safetensors(f)
-    config = config_from_dict(raw)
+    if trust_remote_code and raw.get("auto_map") and raw.get("model_type") not in SLIMC_MODEL_TYPES:
+        return _load_remote(path, dtype, tokenizer)
+    config = config_from_dict(raw, str(path / "config.json"))
     sparsity = raw.get("slimc_sparsity")
     prepare = (lambda m: prepare_sparse(m, dict(sparsity))) if sparsity else None
     try:
@@ -268,7 +398,23 @@ def load_hf_dir(path: Path) -> Model:
             ) from None
         raise SlimcError(f"{path}: cannot load the checkpoint ({type(e).__name__}: {_first_line(e)})") from None
     module.eval()
-    return Model(module=module, config=module.config, tokenizer=_tokenizer(path), source=path, source_format="hf")
+    tok = _tokenizer(path, trust_remote_code=trust_remote_code) if tokenizer else None
+    return Model(module=module, config=module.config, tokenizer=tok, source=path, source_format="hf")
+
+
+def _load_remote(path: Path, dtype: torch.dtype, tokenizer: bool) -> Model:
+    """A checkpoint whose architecture is code shipped in it; only called with --trust-remote-code."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True)
+    except Exception as e:  # noqa: BLE001 — the checkpoint's own code can raise anything
+        raise SlimcError(f"{path}: the checkpoint's own code (auto_map) failed to load it ({type(e).__name__}: {_first_line(e)})") from None
+    module.eval()
+    tok = _tokenizer(path, trust_remote_code=True) if tokenizer else None
+    return Model(module=module, config=module.config, tokenizer=tok, source=path, source_format="hf")
 
 
 def _load_module(path: Path, config, dtype: torch.dtype, prepare) -> nn.Module:
@@ -279,7 +425,9 @@ def _load_module(path: Path, config, dtype: torch.dtype, prepare) -> nn.Module:
 
     cls = _model_class(config)
     if config.model_type != "slimc_resized" and prepare is None:
-        return cls.from_pretrained(path, config=config, dtype=dtype)
+        module, info = cls.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
+        _check_loading_info(path, info)
+        return module
     # these loads are strict and every problem becomes one SlimcError: transformers' load report
     # (a warning table of the same keys) would only repeat it
     with _quiet_log("transformers.modeling_utils"):
@@ -289,14 +437,23 @@ def _load_module(path: Path, config, dtype: torch.dtype, prepare) -> nn.Module:
         return load_edited(path, config, prepare, stock=stock, dtype=dtype)
 
 
-def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    shapes: dict[str, list[int]] = {}
-    for f in _weight_files(path):
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
-    return shapes
+def _check_loading_info(path: Path, info: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose tensors are not exactly the model's (after transformers' own renames)."""
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or []]
+    files = ", ".join(f.name for f in _weight_files(path))
+    def some(keys):
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    if missing:
+        raise SlimcError(f"{path}: {files} lacks tensor(s) the config's model needs: missing {some(missing)} "
+                         "(transformers would fill them with random values); re-save the checkpoint")
+    if unexpected:
+        raise SlimcError(f"{path}: {files} holds tensor(s) the config's model has no place for: unexpected {some(unexpected)}; "
+                         "check that config.json belongs to these weights")
+    if mismatched:
+        raise SlimcError(f"{path}: weights do not match config.json (shapes of {some(mismatched)} differ in {files})")
 
 
 def _shape_mismatch(path: Path, config) -> str | None:
@@ -307,9 +464,10 @@ def _shape_mismatch(path: Path, config) -> str | None:
     except Exception:  # noqa: BLE001 — only used to improve an error message
         return None
     expected = {k: list(v.shape) for k, v in module.state_dict().items()}
-    for name, shape in _safetensors_shapes(path).items():
-        if name in expected and expected[name] != shape:
-            return f"{name} is {shape} in the file, {expected[name]} by the config"
+    for f in _weight_files(path):
+        for name, entry in check_safetensors(f).items():
+            if name in expected and expected[name] != entry["shape"]:
+                return f"{name} is {entry['shape']} in {f.name}, {expected[name]} by the config"
     return None
 
 
@@ -318,16 +476,17 @@ def _load_state(module: nn.Module, state: Mapping[str, torch.Tensor], origin: st
     try:
         missing, unexpected = module.load_state_dict(dict(state), strict=False)
     except RuntimeError as e:
-        raise SlimcError(f"{origin}: weights do not fit the model ({_first_line(e)})") from None
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        why = lines[0] if lines else _first_line(e)
+        raise SlimcError(f"{origin}: weights do not fit the model ({why}); check that --config belongs to these weights") from None
     if hasattr(module, "tie_weights"):
         module.tie_weights()
     tied = set(getattr(module, "_tied_weights_keys", None) or {})
     missing = [k for k in missing if k not in tied and not k.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
-        raise SlimcError(
-            f"{origin}: weights do not fit the config: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {list(unexpected)[:3]}{'...' if len(unexpected) > 3 else ''}"
-        )
+        parts = [f"{kind} {', '.join(keys[:3])}{' and %d more' % (len(keys) - 3) if len(keys) > 3 else ''}"
+                 for kind, keys in (("missing", list(missing)), ("unexpected", list(unexpected))) if keys]
+        raise SlimcError(f"{origin}: weights do not fit the config ({'; '.join(parts)}); check that --config belongs to these weights")
 
 
 @contextlib.contextmanager
@@ -348,19 +507,39 @@ def _quiet_log(name: str = "transformers.configuration_utils"):
         log.setLevel(level)
 
 
-def _tokenizer(path: Path, **kwargs: Any):
+def _tokenizer(path: Path, trust_remote_code: bool = False, **kwargs: Any):
+    """The tokenizer saved in `path`, or None when it holds none (a warning when one is there but unreadable).
+
+    A tokenizer defined by code in the checkpoint (`auto_map` in tokenizer_config.json) is refused
+    unless the user trusts that code: transformers would otherwise either run it or ask on stdin.
+    """
     if not kwargs and not any((path / f).is_file() for f in TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
 
+    tok_config = path / "tokenizer_config.json"
+    if not trust_remote_code and tok_config.is_file():
+        try:
+            auto_map = json.loads(tok_config.read_text(encoding="utf-8")).get("auto_map")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            auto_map = None  # transformers' own reading below reports a broken file
+        if auto_map:
+            raise SlimcError(f"{tok_config}: the tokenizer is defined by code in the checkpoint (auto_map); slimc runs such "
+                             "code only with --trust-remote-code: pass it if you trust the source, or give --tokenizer DIR")
     try:
-        # never run code from the checkpoint: a per-layer config's auto_map would otherwise make
-        # transformers ask on stdin whether to trust it
+        # never run code from the checkpoint unless trusted: a per-layer config's auto_map would
+        # otherwise make transformers ask on stdin whether to trust it
         with _quiet_log():
-            return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, **kwargs)
+            return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as e:
         warnings.warn(f"{path}: tokenizer not loaded ({_first_line(e)}); continuing without one")
         return None
+
+
+def _one_line(e: BaseException, limit: int = 240) -> str:
+    """The whole message of `e` on one line (some libraries put the reason on the second line), shortened."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _first_line(e: BaseException) -> str:
@@ -371,7 +550,7 @@ def _first_line(e: BaseException) -> str:
 # ---------------------------------------------------------------- GGUF
 
 
-def load_gguf(path: Path) -> Model:
+def load_gguf(path: Path, *, tokenizer: bool = True) -> Model:
     """GGUF via transformers (+ gguf): de-quantised to a float32 model; tokenizer from the file."""
     from transformers import AutoModelForCausalLM
 
@@ -380,6 +559,17 @@ def load_gguf(path: Path) -> Model:
             raise SlimcError(f"{path}: not a GGUF file (bad magic bytes)")
     if importlib.util.find_spec("gguf") is None:
         raise SlimcError("reading .gguf needs the gguf package: pip install 'slimc[gguf]'")
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    from slimc.compiler.frontends.gguf_header import check_gguf, check_gguf_shape
+
+    header = check_gguf(path)
+    arch = header["architecture"]
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES or arch in ("general", "tokenizer"):
+        known = ", ".join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
+        raise SlimcError(f"{path}: GGUF architecture {arch!r} cannot be read by transformers (it reads {known}); "
+                         "convert the model to a Hugging Face checkpoint another way")
+    check_gguf_shape(path, header)
     try:
         # the de-quantisation draws a tqdm bar on stderr that transformers' progress switch does not reach
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
@@ -389,8 +579,8 @@ def load_gguf(path: Path) -> Model:
         raise SlimcError(f"{path}: cannot load the GGUF model ({type(e).__name__}: {_first_line(e)})") from None
     _forget_gguf_quantization(module)
     module.eval()
-    tokenizer = _tokenizer(path.parent, gguf_file=path.name)
-    return Model(module=module, config=module.config, tokenizer=tokenizer, source=path, source_format="gguf")
+    tok = _tokenizer(path.parent, gguf_file=path.name) if tokenizer else None
+    return Model(module=module, config=module.config, tokenizer=tok, source=path, source_format="gguf")
 
 
 def _forget_gguf_quantization(module: nn.Module) -> None:
@@ -408,11 +598,13 @@ def _forget_gguf_quantization(module: nn.Module) -> None:
 # ---------------------------------------------------------------- torch.export, ONNX, pickles
 
 
-def load_pt2(path: Path) -> Model:
+def load_pt2(path: Path, *, tokenizer: bool = True) -> Model:
     try:
         program = torch.export.load(str(path))
     except Exception as e:  # noqa: BLE001 — torch.export.load raises many types on a bad file
-        raise SlimcError(f"{path}: not a readable torch.export .pt2 file ({type(e).__name__}: {_first_line(e)})") from None
+        why = "" if "warnings above" in str(e) else f": {_first_line(e)}"  # torch points at warnings the CLI does not show
+        raise SlimcError(f"{path}: not a readable torch.export .pt2 file ({type(e).__name__}{why}); write it with "
+                         "torch.export.save, or give a state dict as .pt with --config") from None
     module = program.module()
     # The program's train/eval behaviour was fixed when it was exported; torch makes .eval()/.train()
     # raise on it, which breaks generic code (emitters, analysis) that calls them. The flags cannot
@@ -427,12 +619,14 @@ def load_pt2(path: Path) -> Model:
 
         names = [n for n in inspect.signature(module.forward).parameters]
         example = {**dict(zip(names, args)), **kwargs} if len(names) >= len(args) else None
-    return Model(module=module, source=path, source_format="pt2", example_inputs=example, tokenizer=_tokenizer(path.parent))
+    return Model(module=module, source=path, source_format="pt2", example_inputs=example,
+                 tokenizer=_tokenizer(path.parent) if tokenizer else None)
 
 
-def load_onnx_file(path: Path) -> Model:
+def load_onnx_file(path: Path, *, tokenizer: bool = True) -> Model:
     """An ONNX model (onnx_ir, checked and normalised by `frontends.import_onnx.load_onnx`)."""
-    return Model(onnx=load_onnx(path), source=path, source_format="onnx", tokenizer=_tokenizer(path.parent))
+    return Model(onnx=load_onnx(path), source=path, source_format="onnx",
+                 tokenizer=_tokenizer(path.parent) if tokenizer else None)
 
 
 def _config_file(config: str | Path) -> Path:
@@ -445,7 +639,7 @@ def _config_file(config: str | Path) -> Path:
     return cfg_path
 
 
-def load_pt(path: Path, *, trust_pickle: bool = False, config: str | Path | None = None) -> Model:
+def load_pt(path: Path, *, trust_pickle: bool = False, config: str | Path | None = None, tokenizer: bool = True) -> Model:
     """A state dict (needs `config`) or, only with trust_pickle, a pickled nn.Module."""
     with open(path, "rb") as f:
         magic = f.read(4)
@@ -464,21 +658,23 @@ def load_pt(path: Path, *, trust_pickle: bool = False, config: str | Path | None
         except Exception as e:  # noqa: BLE001 — unpickling can raise anything
             raise SlimcError(f"{path}: cannot unpickle ({type(e).__name__}: {_first_line(e)})") from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise SlimcError(f"{path}: cannot read ({type(e).__name__}: {_first_line(e)})") from None
+        raise SlimcError(f"{path}: not a readable torch.save checkpoint ({type(e).__name__}: {_one_line(e, 120)}); the file is truncated "
+                         "or was not written by torch.save: re-save it") from None
     if isinstance(obj, nn.Module):
         obj.eval()
         cfg = getattr(obj, "config", None)
-        tokenizer = _tokenizer(_config_file(config).parent) if config is not None else None
-        return Model(module=obj, config=cfg, tokenizer=tokenizer, source=path, source_format="pt")
+        tok = _tokenizer(_config_file(config).parent) if config is not None and tokenizer else None
+        return Model(module=obj, config=cfg, tokenizer=tok, source=path, source_format="pt")
     state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SlimcError(f"{path}: expected an nn.Module or a state dict of tensors, found {type(obj).__name__}")
     if config is None:
         raise SlimcError(f"{path} is a state dict: give the architecture with --config <Hugging Face config dir or config.json>")
     cfg_path = _config_file(config)
-    hf_config = config_from_dict(read_config(cfg_path))
+    hf_config = config_from_dict(read_config(cfg_path), str(cfg_path))
     module = _from_config(hf_config)
     _load_state(module, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, str(path))
     module.eval()
     tok_dir = cfg_path.parent
-    return Model(module=module, config=module.config, tokenizer=_tokenizer(tok_dir), source=path, source_format="pt")
+    return Model(module=module, config=module.config, tokenizer=_tokenizer(tok_dir) if tokenizer else None, source=path,
+                 source_format="pt")

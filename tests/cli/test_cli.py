@@ -238,9 +238,10 @@ def test_failure_during_emission_leaves_nothing(tiny_dir, tmp_path, monkeypatch)
 
     monkeypatch.setattr(emit, "write_hf", fail)
     out = tmp_path / "o"
-    with pytest.raises(PermissionError):
-        compress(path, "--recipe", "identity", "-o", out)
-    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+    r = compress(path, "--recipe", "identity", "-o", out)
+    assert_user_error(r, no_paths=[out])
+    assert "Permission denied" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # no temporary directory, no lock file
 
 
 def test_debug_shows_traceback(tmp_path):
