@@ -123,6 +123,8 @@ def _summary(report: dict[str, Any], out: Path) -> None:
             mine = max(val for key, val in f64.items() if key.endswith("_vs_fp64") and not key.startswith("pytorch"))
             detail += f"; vs float64: {mine:.3g}, PyTorch fp32 itself {pytorch:.3g} (fp32 rounding)"
         typer.echo(f"  {fmt}: {'verified' if v.get('ok') else 'FAILED'}, {detail}")
+    for note in report.get("notes") or []:  # e.g. a recipe that found nothing it could remove
+        typer.echo(f"  note: {note}")
 
 
 @app.command("run")

@@ -73,8 +73,19 @@ class Model:
         return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
     def num_parameters(self) -> int:
+        """Distinct weights: a tied parameter counts once, whether the tie is one Parameter object (an
+        eager model) or two Parameters viewing the same memory alike (what torch.export.load returns)."""
         if self.module is not None:
-            return sum(p.numel() for p in self.module.parameters())
+            seen: set[tuple] = set()
+            total = 0
+            for p in self.module.parameters():
+                ptr = p.untyped_storage().data_ptr() if p.device.type != "meta" else 0
+                key = (p.device, ptr, p.storage_offset(), tuple(p.shape), p.stride(), p.dtype)
+                if ptr and key in seen:
+                    continue
+                seen.add(key)
+                total += p.numel()
+            return total
         return sum(int(v.const_value.size) for v in self.onnx.graph.initializers.values() if v.const_value is not None)
 
     def clone(self) -> "Model":

@@ -9,7 +9,9 @@ In each prunable, exact group of `size` channels, floor(sparsity * size) channel
     s_c = sqrt( sum over the group's slices of || weights channel c owns ||^2 )
 
 are removed (`_group_magnitude_math`), keeping at least one channel and, where the group asks, a
-multiple of `Group.multiple_of`. Data-free; no compensation.
+multiple of `Group.multiple_of`. Data-free; no compensation. When it removes nothing, the stat
+`nothing_removed` says why (no prunable group and what blocks them, the roles filter, the rounding),
+and the report and the console repeat it.
 
 Recipe:
 
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from slimc.compiler.analysis.coupling import model_groups
+from slimc.compiler.analysis.coupling import model_groups, why_nothing_prunable
 from slimc.compiler.groups import Group
 from slimc.compiler.model import Model
 from slimc.compiler.pipeline.passes import Pass, PassConfig, PassContext, PassResult, register_pass
@@ -81,4 +83,21 @@ class GroupMagnitude(Pass):
             groups_found=len(groups), groups_pruned=len(plan), channels_removed=sum(len(v) for v in plan.values()),
             channels_eligible=sum(g.size for g in eligible),
         )
+        if not plan:
+            stats["nothing_removed"] = _why_empty(groups, eligible, cfg)
         return PassResult(model, modified=bool(plan), stats=stats)
+
+
+def _why_empty(groups: list[Group], eligible: list[Group], cfg: GroupMagnitudeConfig) -> str:
+    """Why the plan is empty, in one line for the report and the console."""
+    why = why_nothing_prunable(groups)
+    if why:
+        return why
+    if not eligible:
+        usable = [g for g in groups if g.prunable and g.exact]
+        roles = sorted({g.role for g in usable})
+        wanted = f"of the roles {', '.join(cfg.roles)} " if cfg.roles is not None else ""
+        return (f"no prunable, exact group {wanted}with at least {cfg.min_size} channels "
+                f"({len(usable)} prunable exact groups, of roles {', '.join(roles) or 'none'})")
+    largest = max(g.size for g in eligible)
+    return f"sparsity {cfg.sparsity:g} rounds to no channel in the {len(eligible)} eligible groups (the largest has {largest})"

@@ -136,7 +136,7 @@ def positions(a: Atom) -> dict[int, tuple["Atom", "torch.Tensor"]]:
             if j != i:
                 others = (others[:, None] + torch.arange(z)[None, :] * strides[j]).reshape(-1)
         for lid, (leaf, pos) in sub.items():
-            full = (pos[:, :, None] * strides[i] + others[None, None, :]).reshape(pos.shape[0], -1)
+            full = (pos[:, :, None] * strides[i] + others[None, None, :]).reshape(pos.shape[0], pos.shape[1] * others.numel())
             if lid in out:
                 out[lid] = (leaf, torch.cat([out[lid][1], full], dim=1))
             else:
@@ -173,8 +173,13 @@ def tag(a: Atom | None, key: str, value: object = True) -> None:
 
 
 def make(kind: str, parts: list[Atom | None]) -> Atom | None:
-    """A fresh composite atom (product or sum of `parts`); size-1/None parts are dropped from products."""
-    parts = [p for p in parts if p is not None and (kind == "sum" or p.size > 1)]
+    """A fresh composite atom (product or sum of `parts`).
+
+    None parts are dropped, size-1 parts from products (they carry no channel) and size-0 parts from
+    sums: an empty tensor (a concat's `t[:, :0]`, a zero-length split) occupies no position of the
+    axis, so it takes no part in its layout. Kept, an empty leaf inside a product would be a term
+    of size 0 that no alignment can split and `positions` could not lay out."""
+    parts = [p for p in parts if p is not None and (p.size > 0 if kind == "sum" else p.size > 1)]
     if not parts:
         return None
     if len(parts) == 1:

@@ -63,6 +63,8 @@ def find_groups(graph: Graph, module: nn.Module | None = None) -> list[Group]:
         leaf = find(roots[lid])
         if leaf.size == 1:
             block(leaf, "a single channel: removing it would leave an empty axis")
+        elif leaf.size == 0:
+            block(leaf, "an empty axis: no channel to remove")
         groups.append(_make_group(leaf, sl, module, owners, st.producers))
     _name_uniquely(groups)
     return groups
@@ -149,7 +151,8 @@ def _make_group(leaf: Atom, slices: list[Slice], module: nn.Module | None, owner
             prefix = owner_of.get(made) or _owner(made)
     suffix = next((s for t, s in _TAG_SUFFIX.items() if t in leaf.tags), None) if role == Role.UNKNOWN else None
     name = f"{prefix or 'model'}:{suffix or _SUFFIX[role]}"
-    reasons = sorted(leaf.reasons)
+    # an op without a rule is the reason a user can act on (an import to fix): it comes first
+    reasons = sorted(leaf.reasons, key=lambda r: ("no dimension rule" not in r, r))
     g = Group(name, leaf.size, slices, role, _layer_of([f"{o}." for o in owners]))
     if reasons:
         g.prunable = False
@@ -185,8 +188,27 @@ def _candidate_modules(owners: list[str], module: nn.Module) -> list[tuple[str, 
     return list(seen.items())
 
 
+def _counted(leaf: Atom, module: nn.Module) -> list[AttrUpdate]:
+    """Updates for module attributes a rule said count this leaf's axis (`dim_rules.count`), e.g.
+    PReLU's num_parameters, an LSTM's input_size: each drops by the positions a channel owns there."""
+    out = []
+    for key, axis in sorted(leaf.tags.items(), key=lambda kv: kv[0]):
+        if not key.startswith("count:") or not isinstance(axis, Atom):
+            continue
+        _, path, attr = key.split(":", 2)
+        try:
+            mod = module.get_submodule(path)
+        except AttributeError:
+            continue
+        owned = {lid: pos.shape[1] for lid, (_, pos) in positions(axis).items()}
+        value = getattr(mod, attr, None)
+        if leaf.id in owned and isinstance(value, int) and not isinstance(value, bool) and value == find(axis).size:
+            out.append(AttrUpdate(path, attr, owned[leaf.id]))
+    return out
+
+
 def _attr_updates(leaf: Atom, g: Group, owners: list[str], module: nn.Module) -> list[AttrUpdate]:
-    out: list[AttrUpdate] = []
+    out: list[AttrUpdate] = _counted(leaf, module)
     if g.role in (Role.KV_GROUP, Role.HEAD):
         hq = leaf.tags.get("attn.q_heads")
         hk = leaf.tags.get("attn.kv_heads", hq)
@@ -249,6 +271,40 @@ def select(groups: list[Group], role: str | None = None, layer: int | None = Non
     """Units by role and layer, e.g. `select(groups, Role.KV_GROUP, layer=7)`."""
     return [g for g in groups if (role is None or g.role == role) and (layer is None or g.layer == layer)
             and (g.prunable or not prunable)]
+
+
+_NO_RULE_RE = re.compile(r"op (\S+) \(([^()]*)\) has no dimension rule")
+
+
+def why_nothing_prunable(groups: list[Group]) -> str:
+    """One line saying why `groups` offer nothing to prune, for reports: no group at all, or every
+    group blocked (the ops without a dimension rule first, by how many groups they block, since
+    those are what an importer fix or another export would change; else the commonest reasons)."""
+    if not groups:
+        return "the analysis found no channel group (no parameter axis it could follow)"
+    blocked = [g for g in groups if not g.prunable]
+    if len(blocked) < len(groups):
+        inexact = [g for g in groups if g.prunable and not g.exact]
+        if inexact and len(inexact) == len(groups) - len(blocked):
+            return (f"every prunable group ({len(inexact)}) is inexact: removing even a zeroed channel changes the "
+                    f"output ({inexact[0].inexact_reason})")
+        return ""
+    no_rule: Counter = Counter()
+    other: Counter = Counter()
+    for g in blocked:
+        ops_here = {m.group(1) for m in _NO_RULE_RE.finditer(g.reason)}
+        no_rule.update(ops_here)
+        if not ops_here:
+            reasons = re.sub(r" \(\+\d+ more\)$", "", g.reason).split("; ")
+            other.update(r for r in reasons if not r.startswith(("model input", "model output")))
+    head = f"no prunable group: all {len(groups)} groups are blocked"
+    if no_rule:
+        named = ", ".join(f"{op} ({n} group{'s' if n > 1 else ''})" for op, n in no_rule.most_common(3))
+        more = f" and {len(no_rule) - 3} more" if len(no_rule) > 3 else ""
+        return f"{head}; ops without a dimension rule: {named}{more}"
+    if other:
+        return f"{head}; most often: {other.most_common(1)[0][0]}"
+    return f"{head} by the model's inputs and outputs (no hidden channel between two layers)"
 
 
 def prunable_groups(groups: list[Group], *, exact_only: bool = False) -> list[Group]:

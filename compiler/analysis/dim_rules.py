@@ -439,6 +439,13 @@ def rule_norm(st: DimState, node: Node) -> None:
         for p in params:
             st.link(p, 0, x, 1, why)
         tag(st.ax(x, 1), "norm.batch")
+        if node.attrs.get("instance"):
+            # instance norm: statistics per example and channel, over every axis after the channel
+            for k in range(2, st.rank(x)):
+                block(st.ax(x, k), f"instance norm statistics over this axis ({node.module}): fewer entries change them")
+            if not params:
+                # no weight or running stats to re-derive it from: surgery must update the count itself
+                count(st.ax(x, 1), node, "num_features")
     elif kind == "group":
         g = node.attrs["num_groups"]
         c = st.size(x, 1)
@@ -456,6 +463,76 @@ def rule_norm(st: DimState, node: Node) -> None:
         for a in axes:
             block(st.ax(x, a), f"{kind} norm statistics over this axis ({node.module}): fewer channels change them")
             tag(st.ax(x, a), "norm.features")
+
+
+def rule_prelu(st: DimState, node: Node) -> None:
+    """PReLU: element-wise, with one slope per channel (axis 1; axis 0 of a 1-D input) or one shared slope."""
+    x, w = node.inputs[:2]
+    out = node.outputs[0]
+    why = _where(node)
+    for k in range(st.rank(x)):
+        st.link(x, k, out, k, why)
+    if w is None:
+        return
+    for k in range(st.rank(w)):
+        st.ax(w, k)
+    if st.rank(w) == 1 and st.size(w, 0) > 1:
+        st.link(w, 0, x, 1 if st.rank(x) >= 2 else 0, why)
+        count(st.ax(w, 0), node, "num_parameters")
+
+
+def rule_rnn(st: DimState, node: Node) -> None:
+    """LSTM / GRU / RNN: the input features are the feature axis (`weight_in_axis`) of the input
+    weights (`input_weights`, indices into the weights: one per direction of the first layer);
+    batch and time axes carry through. The hidden size is kept whole: the gates (4H or 3H rows),
+    the recurrence and every later layer read it.
+
+    Inputs: x, `n_states` initial states [layers x directions, batch, hidden], `n_lens` sequence
+    lengths [batch], then the weights. The output is [batch, time, directions x hidden] (PyTorch) or
+    [time, directions, batch, hidden] / [batch, time, directions, hidden] (ONNX, by layout). With
+    `features_fixed` (a reason) the input features are kept whole too."""
+    ns, nl = node.attrs["n_states"], node.attrs.get("n_lens", 0)
+    x, states = node.inputs[0], node.inputs[1:1 + ns]
+    lens, params = node.inputs[1 + ns:1 + ns + nl], node.inputs[1 + ns + nl:]
+    out, finals = node.outputs[0], node.outputs[1:]
+    why = _where(node)
+    hidden = f"{why}: the {node.attrs.get('kind', 'rnn')} hidden size is kept whole (its gates and recurrence read it)"
+    first = node.attrs["batch_first"]
+    if st.rank(x) == 3:
+        b_ax, t_ax = (0, 1) if first else (1, 0)
+        ob, ot = (b_ax, t_ax) if st.rank(out) == 3 else ((0, 1) if first else (2, 0))
+        st.link(x, t_ax, out, ot, why)
+        st.link(x, b_ax, out, ob, why)
+        for s in [*states, *finals]:
+            st.link(s, 1, x, b_ax, why)
+        for v in lens:
+            st.link(v, 0, x, b_ax, why)
+    else:  # unbatched: [time, features], states [layers x directions, hidden]
+        st.link(x, 0, out, 0, why)
+    if st.rank(out) == 4:  # ONNX: a directions axis of its own
+        block(st.ax(out, 2 if first else 1), f"{why}: directions")
+    weights = set(node.attrs["input_weights"])
+    w_ax = node.attrs.get("weight_in_axis", 1)
+    for i in sorted(weights):
+        st.link(x, -1, params[i], w_ax, why)
+    if node.attrs.get("features_fixed"):
+        block(st.ax(x, -1), f"{why}: {node.attrs['features_fixed']}")
+    block(st.ax(out, -1), hidden)
+    for s in [*states, *finals]:
+        block(st.ax(s, 0), f"{why}: layers x directions of the state")
+        block(st.ax(s, -1), hidden)
+    for i, p in enumerate(params):
+        for k in range(st.rank(p)):
+            if not (k == w_ax and i in weights):
+                block(st.ax(p, k), hidden)
+    count(st.ax(x, -1), node, "input_size")
+
+
+def count(a: Atom | None, node: Node, attr: str) -> None:
+    """Note that attribute `attr` of the node's module counts the channels of `a` (e.g. PReLU's
+    num_parameters), so that groups carry the update for surgery (`Group.attrs`)."""
+    if node.module and a is not None:
+        tag(a, f"count:{node.module}:{attr}", a)
 
 
 def rule_embedding(st: DimState, node: Node) -> None:
@@ -638,7 +715,7 @@ RULES: dict[str, Callable[[DimState, Node], None]] = {
     "expand": rule_expand, "repeat": rule_repeat, "norm": rule_norm, "embedding": rule_embedding,
     "sdpa": rule_sdpa, "gather": rule_gather, "scan": rule_scan, "topk": rule_topk, "histc": rule_histc,
     "one_hot": rule_one_hot, "grouped_mm": rule_grouped_mm, "pool": rule_pool, "source": rule_source,
-    "opaque": rule_opaque,
+    "prelu": rule_prelu, "rnn": rule_rnn, "opaque": rule_opaque,
 }
 
 

@@ -304,9 +304,7 @@ def derive_config(model: Model) -> tuple[dict[str, Any], bool]:
     """(config.json dict, resized) for the model as it is now: a stock config when one builds exactly
     the module's tensors, else the resized form (`base_config` + `slimc_resize` + `auto_map`)."""
     data = base_dict(model)
-    if not model.is_causal_lm:
-        return data, False
-    candidate = _stock_candidate(model, data)
+    candidate = _stock_candidate(model, data) if model.is_causal_lm else data
     if _stock_fits(model.module, candidate):
         return candidate, False
     try:
@@ -317,6 +315,9 @@ def derive_config(model: Model) -> tuple[dict[str, Any], bool]:
     generic = _generic_stock_candidate(model, data, built)
     if generic is not None:
         return generic, False
+    if not model.is_causal_lm:  # the resized form (per-layer widths) is a causal-LM class
+        raise SlimcError(f"this {type(model.module).__name__} was pruned to widths its stock config cannot state (per-layer widths, "
+                         "or heads that no longer divide hidden_size); the hf format holds those for causal LMs only: use --format onnx or pt2")
     record = resize_record(model.module, built)
     return {
         "model_type": resized.SlimcResizedConfig.model_type,
@@ -367,7 +368,7 @@ def verify_hf(model: Model, out_dir: Path, atol: float = 1e-4) -> dict[str, Any]
     from slimc.compiler.frontends.loaders import load_hf_dir
 
     if not model.is_causal_lm:
-        raise SlimcError("only causal LMs are verified after HF emission; this model is not one")
+        return _verify_encoder(model, out_dir, atol)
     reloaded = load_hf_dir(out_dir)
     ids = model.probe_ids()
     was_training = model.module.training
@@ -397,6 +398,39 @@ def verify_hf(model: Model, out_dir: Path, atol: float = 1e-4) -> dict[str, Any]
         else:
             why = "tied embeddings came back untied"
         raise SlimcError(f"the written checkpoint does not reproduce the model ({why}); nothing was written")
+    return result
+
+
+def _first_output(module: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        out = module(**inputs)
+    return (out if isinstance(out, torch.Tensor) else out[0]).float().cpu()
+
+
+def _verify_encoder(model: Model, out_dir: Path, atol: float) -> dict[str, Any]:
+    """An encoder (BertModel, ...): re-load and compare its first output (the hidden states) on its example inputs."""
+    from slimc.compiler.frontends.loaders import load_hf_dir
+
+    if not model.example_inputs:
+        raise SlimcError("this Hugging Face model is neither a causal LM nor has example inputs (a tokenizer makes them "
+                         "for encoders); it cannot be verified after writing: save its tokenizer beside it")
+    reloaded = load_hf_dir(out_dir)
+    was_training = model.module.training
+    model.module.eval()
+    try:
+        ref = _first_output(model.module, model.example_inputs)
+    finally:
+        model.module.train(was_training)
+    got = _first_output(reloaded.module, model.example_inputs)
+    if not bool(torch.isfinite(ref).all()):
+        raise SlimcError("the written checkpoint cannot be verified: the model's own outputs are not finite (NaN or Inf); "
+                         "nothing was written")
+    diff = float((got - ref).abs().max()) if got.shape == ref.shape else float("inf")
+    result = {"check": "reload + first output", "inputs": {k: list(v.shape) for k, v in model.example_inputs.items()},
+              "max_abs_diff": diff, "atol": atol, "params_reloaded": reloaded.num_parameters(), "ok": diff < atol}
+    if not result["ok"]:
+        raise SlimcError(f"the written checkpoint does not reproduce the model (max abs output diff {diff:.3g} >= {atol:g}); "
+                         "nothing was written")
     return result
 
 

@@ -6,6 +6,11 @@ ONNX Runtime runs the file on sample inputs of shapes other than the traced one,
 absolute / relative difference from PyTorch goes into the report; beyond tolerance (1e-3 absolute
 for LLM logits) the emission fails and nothing is written.
 
+Weights travel with the file: inline in model.onnx while the model stays under protobuf's 2 GB,
+else as external data in `model.onnx.data` beside it (a relative location inside OUT). An ONNX
+input whose initializers live in its own external data file (what `torch.onnx.export` writes for
+every tensor of 1 KB or more) is read from there and written out again, never referenced.
+
 The file depends on the model alone: torch.onnx's per-node stack traces (absolute paths of the
 installed torch, transformers and slimc sources, with line numbers) are dropped before saving, so
 the same model exported from another checkout, or after an unrelated edit to a source file, gives
@@ -25,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from slimc.compiler.frontends.import_torch import exported_call_form
 from slimc.compiler.model import Model
 from slimc.errors import SlimcError
 
@@ -34,6 +40,8 @@ LLM_ATOL = 1e-3
 FP32_NOISE_FACTOR = 4.0
 FP32_NOISE_REL = 1e-4
 ONNX_NAME = "model.onnx"
+PROTOBUF_LIMIT = 2**31  # a serialised ModelProto, and so an ONNX file with its weights inline, stays below 2 GB
+GRAPH_ALLOWANCE = 2**26  # room left under PROTOBUF_LIMIT for the nodes, names and metadata beside the weights
 # node metadata that records where in the Python sources a node was traced (file paths, line numbers)
 SOURCE_LOCATION_KEYS = ("pkg.torch.onnx.stack_trace",)
 
@@ -81,10 +89,16 @@ def export_spec(model: Model, logits_to_keep: int = 0) -> tuple[nn.Module, dict[
 
 def positional(module: nn.Module, example: dict[str, Any], dynamic: dict[str, Any]) -> tuple[tuple, dict, Any, list[str]]:
     """(args, kwargs, dynamic_shapes, input names in call order): inputs that are the leading parameters of forward go positionally,
-    so the exported program is called like the module (`program(x)`, not `program(input=x)`)."""
+    so the exported program is called like the module (`program(x)`, not `program(input=x)`). A module that is itself an
+    exported program (a loaded .pt2) takes them in the form it was exported with, which torch.export insists on."""
     import inspect
 
     names = list(inspect.signature(module.forward).parameters)
+    form = exported_call_form(module, (), dict(example))
+    if form is not None:
+        args, kwargs = form
+        order = [n for n in names if n in example]
+        return args, kwargs, {n: dynamic[n] for n in order}, order
     if names[: len(example)] == list(example) or sorted(names[: len(example)]) == sorted(example):
         order = names[: len(example)]
         return tuple(example[n] for n in order), {}, tuple(dynamic[n] for n in order), order
@@ -112,14 +126,12 @@ def quiet():
 
 
 def write_onnx(model: Model, out_dir: Path, logits_to_keep: int = 0) -> Path:
-    """Export to out_dir/model.onnx (weights beside it when over protobuf's 2 GB).
+    """Export to out_dir/model.onnx (weights beside it, in model.onnx.data, when over protobuf's 2 GB).
 
     `logits_to_keep` (causal LMs): 0 = logits for every position; k = only the last k (prefill)."""
     path = out_dir / ONNX_NAME
     if model.is_onnx:
-        import onnx_ir
-
-        onnx_ir.save(model.onnx, str(path))
+        save_onnx_model(model.onnx, path)
         return path
     module, example, dynamic, _ = export_spec(model, logits_to_keep)
     try:
@@ -131,13 +143,66 @@ def write_onnx(model: Model, out_dir: Path, logits_to_keep: int = 0) -> Path:
                 verbose=False, report=False,
             )
             drop_source_locations(program.model)
-            program.save(str(path))
+            save_onnx_model(program.model, path)
     except SlimcError:
         raise
     except Exception as e:  # noqa: BLE001 — exporter failures are many types; the model is the user's
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SlimcError(f"ONNX export failed ({type(e).__name__}: {first}); rerun with --debug for details") from e
     return path
+
+
+def data_name(path: Path) -> str:
+    """Where `save_onnx_model` puts the weights of a model too large to be inline: beside it, relative."""
+    return f"{path.name}.data"
+
+
+def initializer_bytes(model: Any) -> int:
+    """Bytes of every initializer of an onnx_ir model (main graph and subgraphs), read from the tensor
+    headers: external tensors are not loaded."""
+    return sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values() if v.const_value is not None)
+
+
+def save_onnx_model(model: Any, path: Path) -> list[str]:
+    """Write an onnx_ir model to `path` with all its weights; returns the data files written beside it.
+
+    Under protobuf's limit every initializer is written inline, external ones (a lazily read
+    reference into the input's own data file) included; above it, or when the inline message turns
+    out too large, initializers go to `<name>.data` beside `path`. Either way the written model
+    references nothing outside its directory. `model` is left as it was: its initializers keep
+    pointing at the input's data, so the model can be written again elsewhere.
+    """
+    import onnx_ir
+
+    if initializer_bytes(model) <= PROTOBUF_LIMIT - GRAPH_ALLOWANCE:
+        try:
+            _save_inline(model, path)
+            return []
+        except ValueError as e:  # protobuf refuses a message over 2 GB (many nodes beside large weights)
+            if "2GB" not in str(e).replace(" ", "") and "protobuf" not in str(e).lower():
+                raise
+            path.unlink(missing_ok=True)
+    onnx_ir.save(model, str(path), external_data=data_name(path))
+    return [data_name(path)]
+
+
+def _save_inline(model: Any, path: Path) -> None:
+    """onnx_ir.save with every external initializer read into memory for the duration of the save."""
+    import onnx_ir
+
+    swapped: list[tuple[Any, Any]] = []
+    try:
+        for graph in model.graphs():
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if isinstance(tensor, onnx_ir.ExternalTensor):
+                    swapped.append((value, tensor))
+                    value.const_value = onnx_ir.Tensor(tensor.numpy().copy(), name=tensor.name, dtype=tensor.dtype,
+                                                       doc_string=tensor.doc_string, metadata_props=dict(tensor.metadata_props))
+        onnx_ir.save(model, str(path))
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
 
 
 def drop_source_locations(model: Any) -> None:
@@ -196,6 +261,42 @@ def float64_errors(module: nn.Module, samples: list[dict[str, Any]], outputs: li
     return runtime, torch32
 
 
+def reload_written(path: Path) -> tuple[Any, dict[str, Any]]:
+    """Re-load a written file as an input would be loaded, so its external data must be relative,
+    inside its directory and long enough (`frontends.import_onnx.load_onnx`'s checks); returns the
+    model and where its weights are (inline or the data files) for the report."""
+    import onnx_ir
+
+    from slimc.compiler.frontends.import_onnx import load_onnx
+
+    written = load_onnx(path, normalize=False)
+    files = sorted({str(v.const_value.location) for g in written.graphs() for v in g.initializers.values()
+                    if isinstance(v.const_value, onnx_ir.ExternalTensor)})
+    return written, {"weights": "external" if files else "inline", "data_files": files}
+
+
+def verify_weights(expected: Any, path: Path) -> dict[str, Any]:
+    """Re-load the written file (`reload_written`) and compare every initializer, byte for byte, with
+    `expected`, the in-memory model that was written."""
+    written, where = reload_written(path)
+    got = {v.name: v.const_value for g in written.graphs() for v in g.initializers.values()}
+    want = {v.name: v.const_value for g in expected.graphs() for v in g.initializers.values()}
+    if sorted(got) != sorted(want):
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        raise SlimcError(f"the written ONNX model's initializers differ from the model's (missing {missing[:3]}, extra "
+                         f"{extra[:3]}); nothing was written")
+    for name, tensor in want.items():
+        mine = got[name]
+        if tensor is None or mine is None:
+            if tensor is not mine:
+                raise SlimcError(f"the written ONNX model's initializer '{name}' lost or gained its value; nothing was written")
+            continue
+        a, b = tensor.numpy(), mine.numpy()
+        if a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes():
+            raise SlimcError(f"the written ONNX model's initializer '{name}' differs from the model's; nothing was written")
+    return {**where, "initializers": len(want)}
+
+
 def verify_onnx(model: Model, path: Path, atol: float | None = None) -> dict[str, Any]:
     """Run ONNX Runtime on sample inputs and compare with PyTorch; fail beyond tolerance.
 
@@ -213,7 +314,8 @@ def verify_onnx(model: Model, path: Path, atol: float | None = None) -> dict[str
     except Exception as e:  # noqa: BLE001 — ORT raises its own exception types
         raise SlimcError(f"ONNX Runtime cannot open the exported model: {str(e).strip().splitlines()[0]}") from e
     if model.is_onnx:
-        return {"check": "ort session opens", "ok": True, "runtime": f"onnxruntime {ort.__version__}"}
+        return {"check": "ort session opens, weights re-read equal", "ok": True, "runtime": f"onnxruntime {ort.__version__}",
+                **verify_weights(model.onnx, path)}
     module, example, _, more = export_spec(model)
     samples = [example, *more]
     names = [i.name for i in session.get_inputs()]
@@ -238,6 +340,7 @@ def verify_onnx(model: Model, path: Path, atol: float | None = None) -> dict[str
         "max_rel_diff": worst_rel,
         "atol": limit,
         "ok": worst_abs <= limit,
+        **reload_written(path)[1],
     }
     if not result["ok"]:
         ort_err, torch_err = float64_errors(module, samples, outputs)

@@ -1,8 +1,9 @@
 """The compression report: OUT/report.json, OUT/report.md and, for LLMs, OUT/layer_widths.png.
 
 It records what came in and what went out (parameter counts, file sizes), each pass's stats and
-time (from `model.history`), the verification results of every emitter, and the per-layer kept
-widths of a decoder LLM (query heads, KV heads, MLP neurons) read from the weights.
+time (from `model.history`), the verification results of every emitter, the per-layer kept
+widths of a decoder LLM (query heads, KV heads, MLP neurons) read from the weights, and `notes`:
+what a reader must not miss, such as a recipe that removed nothing (with the reason its passes gave).
 
 The same command gives the same report bytes except for its timings, which are exactly: `created`
 (when the report was written), each pass's `seconds`, and the pass stats whose key ends in
@@ -121,7 +122,31 @@ def build_report(
         "verification": verification,
         "layers": layer_widths(model),
     }
-    return jsonable(report)
+    report = jsonable(report)
+    report["notes"] = removal_notes(report["passes"])
+    return report
+
+
+NOTHING_REMOVED = "nothing_removed"  # a pass stat: why the pass removed nothing (group-magnitude, ...)
+
+
+def removal_notes(passes: list[dict[str, Any]]) -> list[str]:
+    """Notes for passes that set out to remove something and removed nothing.
+
+    Such a pass says so with the stat `nothing_removed` (the reason, or "" when it cannot tell);
+    passes that change nothing by design (`identity`) do not set it. When no pass of the recipe
+    changed the model the note is about the recipe; otherwise one note per such pass."""
+    idle = [p for p in passes if NOTHING_REMOVED in p["stats"] and not p["modified"]]
+    if not idle:
+        return []
+    if not any(p["modified"] for p in passes):
+        reasons = [f"{p['name']}: {r}" if len(idle) > 1 else r for p in idle if (r := _reason(p))]
+        return [f"the recipe removed nothing ({'; '.join(reasons)})" if reasons else "the recipe removed nothing"]
+    return [f"pass {p['name']} removed nothing" + (f" ({_reason(p)})" if _reason(p) else "") for p in idle]
+
+
+def _reason(p: dict[str, Any]) -> str:
+    return str(p["stats"].get(NOTHING_REMOVED) or "")
 
 
 def _fmt(n: Any) -> str:
@@ -163,10 +188,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["## Passes", "", "| pass | modified | stats |", "| --- | --- | --- |"]
     for p in report["passes"]:
         stats = ", ".join(f"{k}={_fmt(v)}" for k, v in p["stats"].items()
-                          if not isinstance(v, (list, dict)) and not is_timing_stat(k))
+                          if not isinstance(v, (list, dict)) and not is_timing_stat(k) and k != NOTHING_REMOVED)
         lines.append(f"| {p['name']} | {p['modified']} | {stats} |")
     if not report["passes"]:
         lines.append("| (none) | | |")
+    if report.get("notes"):
+        lines += ["", *(f"**Note:** {n}." for n in report["notes"])]
     probes = [(p["name"], p["checks"]["probe"]) for p in report["passes"] if p.get("checks", {}).get("probe")]
     if probes:
         lines += ["", "Output drift on the probe input after each pass (`--check-passes`):", "",

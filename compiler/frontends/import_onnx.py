@@ -21,7 +21,8 @@ Reduce*/ArgMax/Global*Pool -> reduce; MaxPool/AveragePool/Resize/Pad -> pool (ch
 Layer/RMS/Batch/Instance/GroupNormalization and ORT's SkipLayerNormalization -> norm (instance norm is
 kind batch with `instance`: per-channel statistics); Reshape/Squeeze/Unsqueeze/Flatten -> reshape;
 Transpose -> permute; Concat, Split, Slice (one node per axis), Expand; Gather of a 2-D initializer on
-axis 0 -> embedding, else gather; opset-23 Attention with 4-D inputs -> sdpa; Shape/Size -> source
+axis 0 -> embedding, else gather; opset-23 Attention with 4-D inputs -> sdpa; LSTM/GRU/RNN -> rnn
+(input features = axis 2 of W; kept whole while the ONNX surgery cannot cut W); Shape/Size -> source
 (reads sizes only, couples no channel); everything else -> opaque.
 """
 
@@ -89,16 +90,15 @@ def check_external_data(model: ir.Model, path: Path) -> None:
             continue
         loc = str(tensor.location)
         where = f"{path}: initializer '{value.name}' keeps its data in '{loc}'"
-        if Path(loc).is_absolute() or loc.startswith(("\\", "/")) or (len(loc) > 1 and loc[1] == ":"):
+        if Path(loc).is_absolute() or loc.startswith(("\\", "/")) or (len(loc) > 2 and loc[1] == ":" and loc[2] in "/\\"):
             raise SlimcError(f"{where}, an absolute path; external data must lie beside the model (a relative path inside "
                              "its directory), so slimc refuses to read it")
         if ".." in Path(loc).parts or ".." in loc.replace("\\", "/").split("/"):
             raise SlimcError(f"{where}, which escapes the model's directory; external data must lie inside it")
         target = root / loc
-        if target.is_symlink() or any(p.is_symlink() for p in target.parents if root in p.parents):
-            resolved = target.resolve()
-            if root not in resolved.parents:
-                raise SlimcError(f"{where}, a symlink that leads outside the model's directory ({resolved}); slimc refuses to read it")
+        resolved = target.resolve()  # symlinks anywhere on the way are followed here
+        if root not in resolved.parents:
+            raise SlimcError(f"{where}, a symlink that leads outside the model's directory ({resolved}); slimc refuses to read it")
         if not target.is_file():
             raise SlimcError(f"{where}, which does not exist beside the model; copy the data file with the .onnx")
         end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
@@ -342,6 +342,8 @@ class _Lowering:
                 self.emit("gather", n, ins, outs, axis=axis, axes=[axis])
         elif op == "Attention" and key[0] == ops.DEFAULT:
             self.lower_attention(n, ins, outs)
+        elif op in _RECURRENT and key[0] == ops.DEFAULT:
+            self.lower_rnn(n, ins, outs)
         elif key in ops.SHAPE_READS:
             # reads sizes only; its 1-D result carries no channel of the input
             self.emit("source", n, [], outs, fn=op.lower(), of=ins[0].name if ins and ins[0] else None)
@@ -416,6 +418,28 @@ class _Lowering:
             return
         self.emit("sdpa", n, [q, k, v, mask], outs[:1], scale=_attr(n, "scale"), is_causal=bool(_attr(n, "is_causal", 0)),
                   enable_gqa=q.shape[1] != k.shape[1])
+
+    def lower_rnn(self, n: ir.Node, ins: list, outs: list) -> None:
+        """LSTM / GRU / RNN (one layer, any direction): an `rnn` node whose input features are axis 2
+        of W [directions, gates x hidden, input]. Inputs X, W, R, B, sequence_lens, initial_h,
+        initial_c, P are reordered to the rule's [X, states, lengths, W, R, B, P].
+
+        The ONNX surgery has no rule that cuts W along its input axis yet, so the input features are
+        kept whole here (`features_fixed`); the batch and time axes carry through all the same."""
+        at = lambda i: ins[i] if i < len(ins) else None  # noqa: E731
+        x, w, r = at(0), at(1), at(2)
+        if x is None or w is None or r is None or not outs or outs[0] is None or x.shape is None:
+            self.emit("opaque", n, ins, outs)
+            return
+        states = [v for v in (at(5), at(6)) if v is not None]
+        lens = [v for v in (at(4),) if v is not None]
+        weights = [w, r, *[v for v in (at(3), at(7)) if v is not None]]
+        direction = str(_attr(n, "direction", "forward"))
+        self.emit("rnn", n, [x, *states, *lens, *weights], [o for o in outs if o is not None], kind=n.op_type.lower(),
+                  n_states=len(states), n_lens=len(lens), num_layers=1, bidirectional=direction == "bidirectional",
+                  batch_first=int(_attr(n, "layout", 0)) == 1, input_weights=[0], weight_in_axis=2,
+                  features_fixed="the ONNX surgery cannot cut a recurrent layer's input weights yet, so its input "
+                                 "features stay whole")
 
     def lower_reduce(self, n: ir.Node, ins: list, outs: list) -> None:
         op = n.op_type
@@ -532,6 +556,9 @@ class _Lowering:
             out = outs[0] if last else self.synth(outs[0], tuple(shape))
             self.emit("slice", n, [cur], [out], axis=a, start=s, end=e, step=st)
             cur = out
+
+
+_RECURRENT = ("LSTM", "GRU", "RNN")
 
 
 def _dtype_name(dtype: ir.DataType | None) -> str | None:

@@ -34,6 +34,9 @@ UNARY = {
     "fmod", "bitwise_and", "bitwise_or", "bitwise_xor", "logical_and", "logical_or", "logical_xor", "minimum",
     "maximum", "where", "masked_fill", "masked_fill_", "eq", "ne", "lt", "le", "gt", "ge", "__and__", "__or__",
     "__xor__", "atan2", "lerp", "addcmul", "addcdiv", "copy", "copy_", "rsub", "add_", "mul_", "div_", "sub_",
+    # activations, their in-place forms too (nn.LeakyReLU(inplace=True) and the like export these)
+    "leaky_relu_", "elu_", "mish_", "selu", "selu_", "celu", "celu_", "relu6_", "softplus_", "rrelu", "rrelu_",
+    "threshold", "threshold_", "hardshrink", "softshrink", "log_sigmoid", "sgn",
 }
 ARITH = {"add": "add", "add_": "add", "sub": "sub", "sub_": "sub", "rsub": "sub", "mul": "mul", "mul_": "mul",
          "div": "div", "div_": "div", "true_divide": "div"}
@@ -69,12 +72,13 @@ def import_module(
             kwargs["use_cache"] = False  # a KV cache is an output we cannot export statically
     except (TypeError, ValueError):
         pass
+    example_args, kwargs = exported_call_form(module, tuple(example_args), kwargs) or (tuple(example_args), kwargs)
     # structure, not training behaviour: trace in eval mode (BatchNorm running stats, no dropout)
     modes = {m: m.training for m in module.modules()}
     module.eval()
     try:
         with torch.no_grad():
-            ep = torch.export.export(module, tuple(example_args), kwargs, strict=strict)
+            ep = torch.export.export(module, example_args, kwargs, strict=strict)
     except SlimcError:
         raise
     except Exception as exc:  # export failures are about the user's model: say what to try
@@ -87,6 +91,26 @@ def import_module(
         for m, training in modes.items():
             m.training = training
     return import_exported(ep, module)
+
+
+def exported_call_form(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+    """Inputs rearranged into the form an unlifted exported program (`ExportedProgram.module()`, e.g.
+    a loaded .pt2) was exported with: its first n inputs positionally, the rest by keyword. Such a
+    module refuses any other form ("kwarg keyword mismatch"), also when torch.export traces it again;
+    slimc passes example inputs by name. None when `module` is no such program or the inputs do not
+    bind to its forward (torch's own check then says why)."""
+    spec = getattr(module, "_in_spec", None)
+    if not isinstance(module, torch.fx.GraphModule) or spec is None or spec.num_children != 2:
+        return None
+    positional = (spec.children() if hasattr(spec, "children") else spec.children_specs)[0].num_children
+    signature = inspect.signature(module.forward)
+    try:
+        bound = signature.bind(*args, **kwargs).arguments
+    except TypeError:
+        return None
+    names = list(signature.parameters)
+    return (tuple(bound[n] for n in names[:positional] if n in bound),
+            {n: bound[n] for n in names[positional:] if n in bound})
 
 
 def import_exported(ep: torch.export.ExportedProgram, module: nn.Module | None = None) -> Graph:
@@ -497,6 +521,40 @@ def _batch_norm(L: _Lowering, node, b) -> Spec:
     return "norm", ins, {"kind": "batch", "axis": 1}
 
 
+def _instance_norm(L: _Lowering, node, b) -> Spec:
+    """Per-(example, channel) statistics over the spatial axes, or the running ones (eval, tracked)."""
+    ins = [L.tensor(b["input"]), L.tensor(b.get("weight")), L.tensor(b.get("bias")),
+           L.tensor(b.get("running_mean")), L.tensor(b.get("running_var"))]
+    return "norm", ins, {"kind": "batch", "axis": 1, "instance": bool(b.get("use_input_stats", True))}
+
+
+def _prelu(L: _Lowering, node, b) -> Spec:
+    return "prelu", [L.tensor(b["self"]), L.tensor(b["weight"])], {}
+
+
+def _rnn(L: _Lowering, node, b) -> Spec:
+    """aten.lstm / gru / rnn_tanh / rnn_relu (the `.input` overload, a dense batch): one `rnn` node.
+
+    Inputs: x, the initial states (h0, and c0 for an LSTM), then the flat weights in PyTorch's order
+    (per layer, per direction: w_ih, w_hh, [b_ih, b_hh], [w_hr])."""
+    if node.target._overloadname != "input":
+        return None  # the packed-sequence overloads (`.data`) carry batch sizes as data: no rule
+    hx = b["hx"]
+    states = [L.tensor(h) for h in (hx if isinstance(hx, (list, tuple)) else [hx])]
+    params = [L.tensor(p) for p in b["params"]]
+    if any(v is None for v in [*states, *params]):
+        return None
+    dirs = 2 if b["bidirectional"] else 1
+    cells = int(b["num_layers"]) * dirs
+    if len(params) % cells:
+        return None
+    per_cell = len(params) // cells
+    return "rnn", [L.tensor(b["input"]), *states, *params], {
+        "kind": node.target._opname, "n_states": len(states), "num_layers": int(b["num_layers"]),
+        "bidirectional": bool(b["bidirectional"]), "batch_first": bool(b["batch_first"]),
+        "has_biases": bool(b["has_biases"]), "input_weights": [d * per_cell for d in range(dirs)], "weight_in_axis": 1}
+
+
 def _embedding(L: _Lowering, node, b) -> Spec:
     return "embedding", [L.tensor(b["weight"]), L.tensor(b["indices"])], {}
 
@@ -567,7 +625,8 @@ _LOWERINGS: dict[str, Callable[[_Lowering, torch.fx.Node, dict], Spec]] = {
     "expand": _expand, "expand_copy": _expand, "repeat": _repeat, "repeat_interleave": _repeat,
     "layer_norm": _layer_norm, "native_layer_norm": _layer_norm, "rms_norm": _rms_norm,
     "group_norm": _group_norm, "native_group_norm": None,
-    "batch_norm": _batch_norm, "_native_batch_norm_legit_no_training": _batch_norm,
+    "batch_norm": _batch_norm, "_native_batch_norm_legit_no_training": _batch_norm, "instance_norm": _instance_norm,
+    "prelu": _prelu, "_prelu_kernel": _elementwise, "lstm": _rnn, "gru": _rnn, "rnn_tanh": _rnn, "rnn_relu": _rnn,
     "embedding": _embedding, "scaled_dot_product_attention": _sdpa,
     "index": _index, "index_select": _index_select,
     "cumsum": _scan, "cumprod": _scan, "topk": _topk, "sort": _topk, "histc": _histc, "one_hot": _one_hot,

