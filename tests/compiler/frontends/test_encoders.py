@@ -71,3 +71,11 @@ def test_minilm_alias_loads_the_real_encoder_and_prunes_its_mlp(tmp_path):
     r = compress("minilm", "--recipe", "group-magnitude-25", "--set", "group-magnitude.roles=[mlp.neuron]", "-o", tmp_path / "m")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "m" / "config.json").read_text())["intermediate_size"] == 1152
+
+
+@pytest.mark.parametrize("recipe,fmt", [("identity", "onnx"), ("identity", "pt2"), ("group-magnitude-25", "onnx")])
+def test_encoders_export_and_verify_in_onnx_and_pt2(bert_dir, tmp_path, recipe, fmt):
+    """The exported graph's first output is the encoder's hidden states (a ModelOutput's first field)."""
+    r = compress(bert_dir, "--recipe", recipe, "--format", fmt, "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    assert f"{fmt}: verified" in r.stdout
