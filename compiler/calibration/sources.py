@@ -199,7 +199,7 @@ def _jsonl_objects(path: Path):
         found = True
         yield lineno, obj
     if not found:
-        raise SlimcError(f"{path}: the file has no JSON lines")
+        raise SlimcError(f"{path}: the file has no JSON lines; give one JSON object per line")
 
 
 def _jsonl_holds_ids(path: Path) -> bool:
@@ -219,7 +219,7 @@ def read_text_file(path: Path) -> str:
         return "\n\n".join(parts)
     text = _utf8(path)
     if not text.strip():
-        raise SlimcError(f"{path}: the text file is empty")
+        raise SlimcError(f"{path}: the text file is empty; give a text of at least one calibration window")
     return text
 
 

@@ -116,7 +116,7 @@ def check_graph(model: ir.Model, path: Path) -> None:
     for node in graph:
         if node.domain not in KNOWN_DOMAINS and node.domain not in functions:
             raise SlimcError(f"{path}: node '{node.name}' ({node.op_type}) is in op domain '{node.domain}', which neither ONNX "
-                             "nor ONNX Runtime defines; slimc cannot analyse or run it")
+                             "nor ONNX Runtime defines; slimc cannot analyse or run it: export the model without custom ops")
         for v in node.inputs:
             if v is None:
                 continue

@@ -238,12 +238,12 @@ def _weight_files(path: Path) -> list[Path]:
         names = _index_shards(index)
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
-            raise SlimcError(f"{path}: shard(s) {', '.join(missing)} listed in the index are missing")
+            raise SlimcError(f"{path}: shard(s) {', '.join(missing)} listed in the index are missing; copy them beside the index or re-download the checkpoint")
         files = [path / n for n in names]
     if not files:
         if any(path.glob("pytorch_model*.bin")):
             raise SlimcError(f"{path}: only pickled pytorch_model.bin weights; re-save as safetensors (save_pretrained)")
-        raise SlimcError(f"{path}: no *.safetensors weights next to config.json")
+        raise SlimcError(f"{path}: no *.safetensors weights next to config.json; copy the weights beside it (or give the directory that holds them)")
     return files
 
 
@@ -267,9 +267,9 @@ def read_config(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise SlimcError(f"{path}: not valid JSON (the file is not UTF-8 text)") from None
     except json.JSONDecodeError as e:
-        raise SlimcError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise SlimcError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); fix it or re-download the checkpoint") from None
     if not isinstance(data, dict):
-        raise SlimcError(f"{path}: expected a JSON object")
+        raise SlimcError(f"{path}: expected a JSON object (a Hugging Face config.json); give the checkpoint's own config")
     return data
 
 
@@ -594,7 +594,7 @@ def load_gguf(path: Path, *, tokenizer: bool = True) -> Model:
 
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
-            raise SlimcError(f"{path}: not a GGUF file (bad magic bytes)")
+            raise SlimcError(f"{path}: not a GGUF file (bad magic bytes); give a .gguf written by llama.cpp's converters")
     if importlib.util.find_spec("gguf") is None:
         raise SlimcError("reading .gguf needs the gguf package: pip install 'slimc[gguf]'")
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
@@ -725,7 +725,7 @@ def load_pt(path: Path, *, trust_pickle: bool = False, config: str | Path | None
         return Model(module=obj, config=cfg, tokenizer=tok, source=path, source_format="pt")
     state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise SlimcError(f"{path}: expected an nn.Module or a state dict of tensors, found {type(obj).__name__}")
+        raise SlimcError(f"{path}: expected an nn.Module or a state dict of tensors, found {type(obj).__name__}; save model.state_dict() instead")
     if config is None:
         raise SlimcError(f"{path} is a state dict: give the architecture with --config <Hugging Face config dir or config.json>")
     cfg_path = _config_file(config)
