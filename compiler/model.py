@@ -17,6 +17,22 @@ import torch
 from torch import nn
 
 
+def first_tensor(out: Any) -> torch.Tensor:
+    """The first tensor a module returns: itself, the first of a tuple or list, or the first field of a
+    dict / transformers ModelOutput (a causal LM's logits, an encoder's last_hidden_state), which is also
+    what an exported graph returns first."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict) or hasattr(out, "values"):
+        out = list(out.values())
+    for item in out:
+        if isinstance(item, torch.Tensor):
+            return item
+        if isinstance(item, (tuple, list, dict)) or hasattr(item, "values"):
+            return first_tensor(item)
+    raise TypeError(f"the module returned no tensor ({type(out).__name__})")
+
+
 @dataclass
 class PassRecord:
     name: str

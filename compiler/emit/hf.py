@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from slimc.compiler.analysis.llm import DecoderLayerView, recognised_layers
-from slimc.compiler.model import Model
+from slimc.compiler.model import Model, first_tensor
 from slimc.errors import SlimcError
 from slimc.runtime import modeling_slimc_resized as resized
 from slimc.runtime.sparse_linear import SparseLinear, sparse_config
@@ -364,26 +364,34 @@ def logits(module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def verify_hf(model: Model, out_dir: Path, atol: float = 1e-4) -> dict[str, Any]:
-    """Re-load what was written and compare its logits with the in-memory model (max abs diff < atol)."""
+    """Re-load what was written and compare its outputs with the in-memory model (max abs diff < atol):
+    a causal LM's logits on probe ids, an encoder's first output (its hidden states) on its example inputs."""
     from slimc.compiler.frontends.loaders import load_hf_dir
 
-    if not model.is_causal_lm:
-        return _verify_encoder(model, out_dir, atol)
+    if model.is_causal_lm:
+        ids = model.probe_ids()
+        run, shapes, check, what = (lambda m: logits(m, ids)), list(ids.shape), "reload + logits", "logits"
+    elif model.example_inputs:
+        inputs = model.example_inputs
+        run, shapes, check, what = (lambda m: _first_output(m, inputs)), {k: list(v.shape) for k, v in inputs.items()}, \
+            "reload + first output", "outputs"
+    else:
+        raise SlimcError("this Hugging Face model is neither a causal LM nor has example inputs (a tokenizer makes them "
+                         "for encoders); it cannot be verified after writing: save its tokenizer beside it")
     reloaded = load_hf_dir(out_dir)
-    ids = model.probe_ids()
     was_training = model.module.training
     model.module.eval()
     try:
-        ref = logits(model.module, ids)
+        ref = run(model.module)
     finally:
         model.module.train(was_training)
-    got = logits(reloaded.module, ids)
+    got = run(reloaded.module)
     diff = float((got - ref).abs().max()) if got.shape == ref.shape else float("inf")
     tied_in = _tied(model.module)
     tied_out = _tied(reloaded.module)
     result = {
-        "check": "reload + logits",
-        "inputs": list(ids.shape),
+        "check": check,
+        "inputs": shapes,
         "max_abs_diff": diff,
         "atol": atol,
         "tied_embeddings": tied_out,
@@ -392,9 +400,9 @@ def verify_hf(model: Model, out_dir: Path, atol: float = 1e-4) -> dict[str, Any]
     }
     if not result["ok"]:
         if not bool(torch.isfinite(ref).all()):  # NaN never equals NaN: nothing can be verified
-            why = "the model's own logits are not finite (NaN or Inf), so no output can be compared"
+            why = f"the model's own {what} are not finite (NaN or Inf), so no output can be compared"
         elif diff >= atol or diff != diff:
-            why = f"max abs logit diff {diff:.3g} >= {atol:g}"
+            why = f"max abs {what[:-1]} diff {diff:.3g} >= {atol:g}"  # "logit" / "output"
         else:
             why = "tied embeddings came back untied"
         raise SlimcError(f"the written checkpoint does not reproduce the model ({why}); nothing was written")
@@ -403,35 +411,7 @@ def verify_hf(model: Model, out_dir: Path, atol: float = 1e-4) -> dict[str, Any]
 
 def _first_output(module: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
-        out = module(**inputs)
-    return (out if isinstance(out, torch.Tensor) else out[0]).float().cpu()
-
-
-def _verify_encoder(model: Model, out_dir: Path, atol: float) -> dict[str, Any]:
-    """An encoder (BertModel, ...): re-load and compare its first output (the hidden states) on its example inputs."""
-    from slimc.compiler.frontends.loaders import load_hf_dir
-
-    if not model.example_inputs:
-        raise SlimcError("this Hugging Face model is neither a causal LM nor has example inputs (a tokenizer makes them "
-                         "for encoders); it cannot be verified after writing: save its tokenizer beside it")
-    reloaded = load_hf_dir(out_dir)
-    was_training = model.module.training
-    model.module.eval()
-    try:
-        ref = _first_output(model.module, model.example_inputs)
-    finally:
-        model.module.train(was_training)
-    got = _first_output(reloaded.module, model.example_inputs)
-    if not bool(torch.isfinite(ref).all()):
-        raise SlimcError("the written checkpoint cannot be verified: the model's own outputs are not finite (NaN or Inf); "
-                         "nothing was written")
-    diff = float((got - ref).abs().max()) if got.shape == ref.shape else float("inf")
-    result = {"check": "reload + first output", "inputs": {k: list(v.shape) for k, v in model.example_inputs.items()},
-              "max_abs_diff": diff, "atol": atol, "params_reloaded": reloaded.num_parameters(), "ok": diff < atol}
-    if not result["ok"]:
-        raise SlimcError(f"the written checkpoint does not reproduce the model (max abs output diff {diff:.3g} >= {atol:g}); "
-                         "nothing was written")
-    return result
+        return first_tensor(module(**inputs)).float().cpu()
 
 
 def _tied(module: nn.Module) -> bool:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from slimc.compiler.frontends.import_torch import exported_call_form
-from slimc.compiler.model import Model
+from slimc.compiler.model import Model, first_tensor
 from slimc.errors import SlimcError
 
 OPSET = 18
@@ -216,23 +216,13 @@ def drop_source_locations(model: Any) -> None:
                 node.metadata_props.pop(key, None)
 
 
-def first_output(out: Any) -> torch.Tensor:
-    """The first tensor a module returns: itself, the first of a tuple, or the first field of a
-    transformers ModelOutput (an encoder's last_hidden_state), which is also the exported graph's first output."""
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    while isinstance(out, (tuple, list)):
-        out = out[0]
-    return out
-
-
 def _run(module: nn.Module, inputs: dict[str, Any]) -> np.ndarray:
     """The module's (first) output in float64 numpy; inputs go positionally where forward allows
     (a program loaded from .pt2 accepts only the positional form it was exported with)."""
     args, kwargs, _, _ = positional(module, inputs, {k: None for k in inputs})
     with torch.no_grad():
         out = module(*args, **kwargs)
-    out = first_output(out)
+    out = first_tensor(out)
     return out.detach().cpu().to(torch.float64).numpy()
 
 

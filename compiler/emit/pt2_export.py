@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from slimc.compiler.emit.onnx_export import _run, export_spec, first_output, float64_errors, output_diff, positional, quiet
-from slimc.compiler.model import Model
+from slimc.compiler.emit.onnx_export import _run, export_spec, float64_errors, output_diff, positional, quiet
+from slimc.compiler.model import Model, first_tensor
 from slimc.errors import SlimcError
 
 PT2_NAME = "model.pt2"
@@ -57,7 +57,7 @@ def verify_pt2(model: Model, path: Path, atol: float = 1e-4) -> dict[str, Any]:
         args, kwargs, _, _ = positional(module, inputs, {k: None for k in inputs})
         with torch.no_grad():
             got = loaded(*args, **kwargs)
-        got = first_output(got).detach().cpu().to(torch.float64).numpy()
+        got = first_tensor(got).detach().cpu().to(torch.float64).numpy()
         ref = _run(module, inputs)
         if got.shape != ref.shape:
             raise SlimcError(f".pt2 output shape {tuple(got.shape)} differs from PyTorch {tuple(ref.shape)}")

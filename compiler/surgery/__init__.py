@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from slimc.compiler.groups import Group
-from slimc.compiler.model import Model
+from slimc.compiler.model import Model, first_tensor
 from slimc.compiler.surgery import onnx_model, torch_module
 
 Plan = Mapping[Group, Sequence[int]]
@@ -78,22 +78,9 @@ def _example_inputs(model: Model) -> dict[str, Any] | None:
     return None
 
 
-def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict) or hasattr(out, "values"):
-        out = list(out.values())
-    for item in out:
-        if isinstance(item, torch.Tensor):
-            return item
-        if isinstance(item, (tuple, list, dict)):
-            return _first_tensor(item)
-    raise TypeError(f"the module returned no tensor ({type(out).__name__})")
-
-
 def _run(module: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     with torch.no_grad():
-        return _first_tensor(module(**inputs)).detach().float()
+        return first_tensor(module(**inputs)).detach().float()
 
 
 def _copy(module: nn.Module) -> nn.Module:
@@ -137,8 +124,10 @@ def _refused_groups(module: nn.Module, plan: Plan, inputs: dict[str, Any]) -> di
         return {}
     refused: dict[Group, str] = {}
 
-    def find(base: list[Group], candidates: list[Group]) -> None:
-        why = _failure(module, {g: plan[g] for g in base + candidates}, inputs)
+    def find(base: list[Group], candidates: list[Group], why: str | None = None) -> None:
+        """Refuse the candidates that break the module on top of `base`; `why`: their failure, when already known."""
+        if why is None:
+            why = _failure(module, {g: plan[g] for g in base + candidates}, inputs)
         if why is None:
             return
         if len(candidates) == 1:
@@ -155,7 +144,7 @@ def _refused_groups(module: nn.Module, plan: Plan, inputs: dict[str, Any]) -> di
         if why is None:
             return refused
         found = len(refused)
-        find([], remaining)
+        find([], remaining, why)
         if len(refused) == found:  # every part passes alone, only their combination fails: keep them all
             refused.update({g: why for g in remaining})
             return refused
