@@ -9,7 +9,7 @@ Importing this module registers the shipped passes (`slimc.passes`), so recipes 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -35,6 +35,9 @@ def compress(
     dtype: str | torch.dtype | None = None,
     check_passes: bool = False,
     instruments: Sequence[Instrument] = (),
+    data: Any = None,
+    epochs: int | None = None,
+    steps: int | None = None,
 ) -> Model:
     """Run a recipe (shipped name, .yaml path or `Recipe`) on `model`; returns the compressed model.
 
@@ -43,17 +46,22 @@ def compress(
     ready `[n, seq_len]` token ids. `device` and `dtype` (float32 | bfloat16 | float16) are where
     and how the passes compute; the model is moved there first and keeps that dtype when saved
     (None: as loaded). `check_passes` runs the model on a probe input after every pass and records
-    the output drift (`compiler.pipeline.instruments.OutputProbe`).
+    the output drift (`compiler.pipeline.instruments.OutputProbe`). Passes that train (`hesso`)
+    take `data` ('digits', 'pydoc', a .npz of inputs/labels, a text file, or a
+    `compiler.training.sources.TrainingData`) and `epochs` / `steps` over their recipe's own.
     """
     manager, ctx = _pipeline(recipe, overrides, calib, seed, device, dtype, check_passes, instruments)
+    ctx.training = {"data": data, "epochs": epochs, "steps": steps}
     torch.manual_seed(seed)
     return manager.run(model, ctx)
 
 
 def check(model: Model, recipe: str | Recipe, *, overrides: Sequence[str] = (), calib: str | torch.Tensor = "pydoc",
-          device: str | None = None, dtype: str | torch.dtype | None = None) -> None:
+          device: str | None = None, dtype: str | torch.dtype | None = None, data: Any = None, epochs: int | None = None,
+          steps: int | None = None) -> None:
     """Raise the SlimcError `compress` would raise before running any pass (order, what each pass needs)."""
     manager, ctx = _pipeline(recipe, overrides, calib, 0, device, dtype, False, ())
+    ctx.training = {"data": data, "epochs": epochs, "steps": steps}
     manager.check(model, ctx)
 
 

@@ -1,6 +1,7 @@
 """The `compress` command (also installed as `slimc`).
 
     compress MODEL --recipe R [-o OUT] [--format hf|onnx|pt2|all] [--calib SOURCE] [--tokenizer DIR]
+             [--data digits|pydoc|FILE] [--epochs N] [--steps N]   # passes that train (hesso)
              [--device D] [--dtype float32|bfloat16|float16] [--seed N] [--set pass.key=value ...]
              [--check-passes] [--trust-pickle] [--config CFG] [--debug]
     compress recipes                      # shipped recipes
@@ -114,6 +115,14 @@ def _summary(report: dict[str, Any], out: Path) -> None:
     kept = f" ({outp['parameters'] / inp['parameters']:.1%} kept)" if inp.get("parameters") else ""
     typer.echo(f"wrote {out}")
     typer.echo(f"  parameters: {inp.get('parameters', 0):,} -> {outp['parameters']:,}{kept}")
+    for p in report.get("passes") or []:  # passes that trained: what the training reached, and the MACs
+        st = p.get("stats") or {}
+        if "macs_before" in st and "macs_after" in st:
+            typer.echo(f"  MACs ({p['name']}): {st['macs_before']:,} -> {st['macs_after']:,} ({st['macs_kept']:.1%} kept)")
+        for metric in ("accuracy", "train_accuracy", "perplexity"):
+            if f"{metric}_after" in st:
+                start = f"{st[f'{metric}_before']:.4g} at the start, " if f"{metric}_before" in st else ""
+                typer.echo(f"  {metric} ({p['name']}): {start}{st[f'{metric}_after']:.4g} after")
     for fmt, v in report["verification"].items():
         diff = v.get("max_abs_diff")
         detail = f"max abs diff {diff:.3g} (tolerance {v.get('atol'):g})" if diff is not None else v.get("check", "")
@@ -143,12 +152,16 @@ def run_command(
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow loading a pickled nn.Module (runs code from the file)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow code shipped in a checkpoint (auto_map) to run"),
     config: Optional[str] = typer.Option(None, "--config", help="HF config dir/json for a .pt state dict (its tokenizer is used too)"),
+    data: Optional[str] = typer.Option(None, "--data", help="training data for passes that train (hesso): digits, pydoc, "
+                                       "a .npz of inputs/labels, or a .txt/.jsonl text"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="training epochs for passes that train"),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="training steps for passes that train (with --epochs: whichever ends first)"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Compress MODEL with a recipe and write a verified checkpoint to OUT."""
     with user_errors(debug):
         _run(model, recipe, output, format, calib, tokenizer, device, dtype, seed, set_, check_passes, trust_pickle, config,
-             trust_remote_code)
+             trust_remote_code, training={"data": data, "epochs": epochs, "steps": steps})
 
 
 def default_format(model_arg: str) -> str:
@@ -159,17 +172,19 @@ def default_format(model_arg: str) -> str:
 
 def _run(model_arg: str, recipe_arg: str, output: Path | None, format: str | None, calib: str, tokenizer: str | None,
          device: str, dtype: str | None, seed: int, overrides: list[str], check_passes: bool, trust_pickle: bool,
-         config: str | None, trust_remote_code: bool = False) -> None:
+         config: str | None, trust_remote_code: bool = False, training: dict | None = None) -> None:
     from slimc import api
     from slimc.compiler.calibration.sources import open_source
     from slimc.compiler.emit.atomic import check_output
     from slimc.compiler.emit.report import layer_widths
     from slimc.compiler.emit.save import check_dtype, check_writable, formats_for
-    from slimc.compiler.pipeline.passes import resolve_device, resolve_dtype
+    from slimc.compiler.pipeline.passes import NEEDS_TRAINING, resolve_device, resolve_dtype
     from slimc.compiler.pipeline.recipes import load_recipe
 
     # everything that can be checked without loading the model is checked first
     recipe = load_recipe(recipe_arg, overrides)
+    training = training or {}
+    format_given = format
     format = format or default_format(model_arg)
     open_source(calib)  # cheap: the file is read only when a pass asks for tokens
     resolve_device(device)
@@ -181,15 +196,25 @@ def _run(model_arg: str, recipe_arg: str, output: Path | None, format: str | Non
         with steps.step(f"Loading {model_arg}"):
             model = api.load(model_arg, trust_pickle=trust_pickle, config=config, tokenizer=tokenizer,
                              trust_remote_code=trust_remote_code)
+        if format_given is None and model.source_format == "pt" and model.config is None:
+            format = "pt2"  # a pickled plain nn.Module has no Hugging Face form; .pt2 needs no pickle to load
+        trainers = [p for p in recipe.build() if NEEDS_TRAINING in p.needs()]
+        spec = training.get("data") or (getattr(trainers[0].config, "data", "digits") if trainers else None)
+        if spec and model.module is not None:  # the data is checked now, not after loading and tracing
+            from slimc.compiler.training.sources import open_training_data
+
+            data = open_training_data(spec, model)
+            if model.example_inputs is None and not model.is_causal_lm:
+                model.example_inputs = data.example_inputs(model.module)  # its first example traces and exports the model
         # what the passes cannot run on, or the output cannot hold, is refused before any work
-        api.check(model, recipe, calib=calib, device=device, dtype=dtype)
+        api.check(model, recipe, calib=calib, device=device, dtype=dtype, **training)
         check_writable(model, formats_for(format))
         if model.module is not None:
             check_dtype(formats_for(format), resolve_dtype(dtype) or next(iter(model.module.parameters())).dtype)
         input_info = _input_info(model, in_path)
         before = layer_widths(model)
         model = api.compress(model, recipe, calib=calib, seed=seed, device=device, dtype=dtype,
-                             check_passes=check_passes, instruments=[steps.instrument])
+                             check_passes=check_passes, instruments=[steps.instrument], **training)
         report = api.save(model, out, format=format, protect=[in_path], input_info=input_info,
                           recipe=recipe.to_dict(), before_layers=before, step=steps.step)
     _summary(report, out)

@@ -4,6 +4,6 @@ Each module defines a `Pass` subclass decorated with `register_pass`; its pure m
 private `_<name>_math.py` beside it.
 """
 
-from slimc.passes import cfsp, flap, group_magnitude, identity, llm_prune, magnitude, nirvana, nm
+from slimc.passes import cfsp, flap, group_magnitude, hesso, identity, llm_prune, magnitude, nirvana, nm, spa
 
-__all__ = ["cfsp", "flap", "group_magnitude", "identity", "llm_prune", "magnitude", "nirvana", "nm"]
+__all__ = ["cfsp", "flap", "group_magnitude", "hesso", "identity", "llm_prune", "magnitude", "nirvana", "nm", "spa"]

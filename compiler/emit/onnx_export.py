@@ -81,10 +81,11 @@ def export_spec(model: Model, logits_to_keep: int = 0) -> tuple[nn.Module, dict[
     doubled = {k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in example.items()}
     try:
         _run(module, doubled)
-        more = [doubled]
     except Exception:  # noqa: BLE001 — the module takes only its example batch (e.g. a .pt2 exported static)
-        more = []
-    return module, example, dynamic, more
+        return module, example, dynamic, []
+    # torch.export specialises a dimension whose example size is 1 ("0/1 specialisation"), so a batch of one
+    # would give a program that takes only batches of one: export with the doubled batch, check both
+    return module, doubled, dynamic, [example]
 
 
 def positional(module: nn.Module, example: dict[str, Any], dynamic: dict[str, Any]) -> tuple[tuple, dict, Any, list[str]]:

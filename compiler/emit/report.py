@@ -219,6 +219,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "| layer | query heads | KV heads | MLP neurons |", "| --- | --- | --- | --- |"]
         for row in report["layers"]:
             lines.append(f"| {row['layer']} | {row['num_heads']} | {row['num_kv_heads']} | {row['intermediate_size']} |")
+    if report.get("training_plot"):
+        lines += ["", "## Training", "", f"![pruning while training]({report['training_plot']})"]
     lines += ["", "## Files", "", "| file | size |", "| --- | --- |"]
     lines += [f"| {name} | {_mib(size)} |" for name, size in out["files"].items()]
     lines += _timings_section(report)
@@ -276,10 +278,50 @@ def as_written(report: dict[str, Any]) -> dict[str, Any]:
     return {**report, "output": {k: v for k, v in report["output"].items() if k != "path"}}
 
 
+def plot_training(curve: list[dict[str, Any]], path: Path, title: str = "", budget: str = "budget") -> None:
+    """Group sparsity and the kept share of the budget (left axis), and the evaluation metric (right
+    axis), against training steps: how a training pass (HESSO) pruned while it trained."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in curve]
+    fig, ax = plt.subplots(figsize=(7.0, 4.0))
+    ax.plot(steps, [r.get("group_sparsity", 0.0) for r in curve], color="tab:red", label="group sparsity")
+    ax.plot(steps, [r.get("cost_kept", 1.0) for r in curve], color="tab:orange", linestyle="--", label=f"{budget} kept (selected counted out)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("fraction")
+    ax.set_ylim(0.0, 1.05)
+    metric = next((k for k in ("accuracy", "train_accuracy", "perplexity") if k in curve[-1]), None) if curve else None
+    lines = ax.get_lines()
+    if metric:
+        ax2 = ax.twinx()
+        lines += ax2.plot(steps, [r.get(metric) for r in curve], color="tab:blue", marker=".", label=metric)
+        ax2.set_ylabel(metric)
+        if metric == "perplexity":
+            ax2.set_yscale("log")
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="center right", fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+TRAINING_PLOT_NAME = "training.png"
+
+
 def write_report(report: dict[str, Any], out_dir: Path, before_layers: list[dict[str, int]] | None = None) -> None:
     if report.get("layers"):
         plot_layer_widths(report["layers"], out_dir / PLOT_NAME, before_layers)
         report["plot"] = PLOT_NAME
+    trained = [p for p in report.get("passes") or [] if isinstance(p.get("stats"), dict) and p["stats"].get("training_curve")]
+    if trained:
+        p = trained[-1]
+        plot_training(p["stats"]["training_curve"], out_dir / TRAINING_PLOT_NAME, title=f"{p['name']}: pruning while training",
+                      budget=str(p["stats"].get("budget", "budget")))
+        report["training_plot"] = TRAINING_PLOT_NAME
     stored = as_written(report)
     (out_dir / "report.json").write_text(json.dumps(stored, indent=2) + "\n")
     (out_dir / "report.md").write_text(render_markdown(stored))

@@ -53,8 +53,8 @@ def check_writable(model: Model, formats: list[str]) -> None:
     if "pt2" in formats and model.module is None:
         raise SlimcError("an ONNX model cannot be written as .pt2; use --format onnx")
     if not model.is_causal_lm and not model.is_onnx and not model.example_inputs and ({"onnx", "pt2"} & set(formats)):
-        raise SlimcError("export needs example inputs for a model that is not a causal LM; use a .pt2 input or the Python API "
-                         "(Model.example_inputs)")
+        raise SlimcError("export needs example inputs for a model that is not a causal LM; use a .pt2 input, give --data "
+                         "(its first example is used), or set Model.example_inputs in the Python API")
 
 
 def save(

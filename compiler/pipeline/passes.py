@@ -56,6 +56,8 @@ class PassContext:
     model there before the first pass (None: leave it where and as it is).
     `check_passes`: after every pass, run the model on a probe input, require finite outputs and
     record how far they moved (`instruments.OutputProbe`).
+    `training`: for passes that train (HESSO): `{"data": name | path | TrainingData, "epochs": N,
+    "steps": N}`, any key absent or None (the pass's own config then decides).
     """
 
     calibration: Any = None
@@ -65,6 +67,7 @@ class PassContext:
     verify: bool = True  # run the passes' postcondition checks
     check_passes: bool = False
     instruments: list[Instrument] = field(default_factory=list)
+    training: dict[str, Any] = field(default_factory=dict)
 
     def notify(self, event: str, pass_name: str, model: Model) -> None:
         for inst in self.instruments:
@@ -88,6 +91,7 @@ STAGE_RULE = "structured pruning comes first, N:M/unstructured sparsity after it
 NEEDS_TORCH = "torch"  # a PyTorch module (not an ONNX graph)
 NEEDS_DECODER_LM = "decoder_lm"  # a Hugging Face causal LM with a list of decoder layers
 NEEDS_CALIBRATION = "calibration"  # calibration token ids (text and a tokenizer, or ids)
+NEEDS_TRAINING = "training"  # a training length: ctx.training's epochs / steps, or the pass config's own
 
 
 class Pass(ABC):
@@ -195,6 +199,12 @@ def check_needs(p: Pass, model: Model, ctx: PassContext) -> None:
     if NEEDS_DECODER_LM in needs and not (model.is_causal_lm and find_layer_list(model.module) is not None):
         kind = type(model.module).__name__
         raise SlimcError(f"pass '{p.name}' needs a decoder language model (a Hugging Face causal LM); {kind} is not one")
+    if NEEDS_TRAINING in needs:
+        given = [src.get(k) if isinstance(src, dict) else getattr(src, k, None)
+                 for src in (ctx.training, p.config) for k in ("epochs", "steps")]
+        if not any(v is not None for v in given):
+            raise SlimcError(f"pass '{p.name}' trains the model: give its length with --epochs N or --steps N "
+                             f"({p.name}.epochs / {p.name}.steps in the recipe)")
     if NEEDS_CALIBRATION in needs:
         cal = ctx.calibration
         if isinstance(cal, CalibrationSource) and cal.needs_tokenizer and model.tokenizer is None:

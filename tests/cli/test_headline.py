@@ -226,6 +226,9 @@ def test_unwritable_format_is_refused_before_any_pass(tmp_path, monkeypatch):
     ran = []
     monkeypatch.setattr(api, "compress", lambda *a, **k: ran.append(1))
     out = tmp_path / "out"
-    r = compress(tmp_path / "net.pt", "--trust-pickle", "--recipe", "identity", "-o", out)  # default format hf
+    r = compress(tmp_path / "net.pt", "--trust-pickle", "--recipe", "identity", "--format", "hf", "-o", out)
     assert_one_line_error(r, contains="the hf format needs a Hugging Face model", no_paths=[out])
+    # a plain module's default format is .pt2, which needs example inputs to export: --data gives them
+    r = compress(tmp_path / "net.pt", "--trust-pickle", "--recipe", "identity", "-o", out)
+    assert_one_line_error(r, contains="give --data", no_paths=[out])
     assert not ran

@@ -927,3 +927,34 @@ def _(d, base):
 def _(d, base):
     (d / "tok").mkdir()
     return [str(base.hf), "--recipe", "identity", "--tokenizer", str(d / "tok")]
+
+
+# ---------------------------------------------------------------- training data (passes that train: hesso)
+
+TRAIN = ["--recipe", "hesso-50", "--set", "hesso.periods=1"]
+
+
+@case("train-no-length", "training", "a training recipe without --epochs or --steps", r"trains the model.*--epochs", names="hesso")
+def _(d, base):
+    return [str(base.hf), *TRAIN, "--data", "pydoc"]
+
+
+@case("train-unknown-data", "training", "--data naming no built-in source or file type", r"unknown training data", names="imagenet")
+def _(d, base):
+    return [str(base.hf), *TRAIN, "--data", "imagenet", "--epochs", "1"]
+
+
+@case("train-missing-text", "training", "--data naming a text file that does not exist", r"does not exist", names="corpus.txt")
+def _(d, base):
+    return [str(base.hf), *TRAIN, "--data", str(d / "corpus.txt"), "--epochs", "1"]
+
+
+@case("train-images-for-lm", "training", "image-classification data for a language model", r"language model", names="digits")
+def _(d, base):
+    return [str(base.hf), *TRAIN, "--data", "digits", "--epochs", "1"]
+
+
+@case("train-npz-for-lm", "training", "a .npz of inputs and labels for a language model", r"language model", names="data.npz")
+def _(d, base):
+    np.savez(d / "data.npz", inputs=np.zeros((4, 3), np.float32), labels=np.zeros(4, np.int64))
+    return [str(base.hf), *TRAIN, "--data", str(d / "data.npz"), "--epochs", "1"]
