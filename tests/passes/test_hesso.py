@@ -24,13 +24,7 @@ from slimc.passes.hesso import Hesso, candidate_groups
 import zoo_models as Z  # noqa: E402  (benchmarks/ is on pytest's pythonpath)
 from digits_models import plain_cnn
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _group(name: str, param: str, size: int, axis: int = 0) -> Group:

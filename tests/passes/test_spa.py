@@ -21,12 +21,7 @@ from digits_models import plain_cnn, residual_cnn
 EXAMPLE = {"x": torch.zeros(1, 1, 8, 8)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ from slimc.compiler.surgery import apply_plan
 
 from digits_models import plain_cnn, residual_cnn
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(net: nn.Module, x: torch.Tensor) -> Model:

@@ -11,14 +11,7 @@ from slimc.errors import SlimcError
 
 from digits_models import plain_cnn, residual_cnn
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These networks are tiny: one thread is fastest, and keeps the timing steady beside other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def params(model) -> list[torch.Tensor]:
