@@ -94,6 +94,14 @@ def ramp(t: int, period: int) -> float:
     return (period - t - 1) / (period - t)
 
 
-def period_targets(total: float, periods: int) -> list[float]:
-    """Cumulative amounts to have removed by the end of each of `periods` periods (equal shares)."""
-    return [total * (k + 1) / periods for k in range(periods)]
+def period_targets(total: float, periods: int, dense: float | None = None, schedule: str = "linear") -> list[float]:
+    """Cumulative amounts to have removed by the end of each of `periods` periods: equal shares of `total`
+    (`linear`, HESSO's), or (`geometric`, needs the `dense` cost) the same fraction of what is left each period,
+    so the kept cost falls as dense * (kept / dense)^((k + 1) / K) and the late periods, which cut an already
+    small network, take smaller steps."""
+    if schedule == "linear":
+        return [total * (k + 1) / periods for k in range(periods)]
+    if schedule != "geometric" or dense is None or dense <= 0:
+        raise ValueError(f"unknown period schedule {schedule!r} (or no dense cost for the geometric one)")
+    kept = max(dense - total, 1e-12) / dense
+    return [dense - dense * kept ** ((k + 1) / periods) for k in range(periods)]

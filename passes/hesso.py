@@ -9,9 +9,11 @@ channel changes nothing. The training runs the base optimizer (SGD / Adam / Adam
 1. at the start of each of K periods of T steps (the first at step t0): scores the channels not yet
    pruned by the hybrid saliency (`_hesso_math`: five proxies, each normalised over the model) and
    selects, globally and lowest first, as many as bring the model's cost to this period's share of
-   the target — the cost being MACs, parameters or channels (`budget`), counted exactly by
-   `compiler.analysis.costs.CostModel` (a layer cut on both sides keeps the product of its kept
-   fractions), every group keeping at least `min_channels` and a multiple of its `multiple_of`;
+   the target (`period_schedule`: HESSO's equal shares, or by default the same fraction of the cost
+   left each period, which measured better at extreme budgets) — the cost being MACs, parameters or
+   channels (`budget`), counted exactly by `compiler.analysis.costs.CostModel` (a layer cut on both
+   sides keeps the product of its kept fractions), every group keeping at least `min_channels` and a
+   multiple of its `multiple_of`;
 2. multiplies the channels selected this period by (T - t - 1) / (T - t) at step t of the period,
    so they reach exactly zero at its last step;
 3. holds every channel of an earlier period at exactly zero.
@@ -59,7 +61,10 @@ class HessoConfig(PassConfig):
     scope: Literal["model", "groups"] = Field("model", description="what `sparsity` is a fraction of: the whole model's "
                                               "cost, or only the part the candidate groups can cut (an LLM's "
                                               "attention and MLP weights, without embeddings)")
-    periods: int = Field(10, ge=1, description="K: pruning periods; each selects an equal share of the target")
+    periods: int = Field(10, ge=1, description="K: pruning periods")
+    period_schedule: Literal["linear", "geometric"] = Field(
+        "geometric", description="what each period removes: an equal share of the target (HESSO), or the same fraction of "
+        "the cost left (geometric: smaller steps late, when the network is already small)")
     start: float = Field(0.05, ge=0.0, lt=1.0, description="t0 as a fraction of the training steps")
     span: float = Field(0.3, gt=0.0, le=1.0, description="K x T as a fraction of the training steps")
     rank: Literal["saliency", "saliency_per_cost"] = Field(
@@ -96,7 +101,7 @@ class Hesso:
 
     def __init__(self, module: torch.nn.Module, groups: Sequence[Group], costs: CostModel | None, target: float, *,
                  periods: int, period_steps: int, start_step: int = 0, weights: dict[str, float] | None = None,
-                 min_channels: int = 1, rank: str = "saliency"):
+                 min_channels: int = 1, rank: str = "saliency", period_schedule: str = "linear"):
         if period_steps < 1:
             raise SlimcError("HESSO needs at least one step per pruning period: train longer or use fewer periods")
         self.module, self.groups, self.costs, self.target = module, list(groups), costs, float(target)
@@ -112,7 +117,7 @@ class Hesso:
         self.pruned: list[list[int]] = [[] for _ in self.groups]
         self.active: list[list[int]] = [[] for _ in self.groups]
         self.dense = self.cost([0] * len(self.groups))
-        self.targets = period_targets(self.dense - self.target, periods)
+        self.targets = period_targets(self.dense - self.target, periods, self.dense, period_schedule)
         self.history: list[dict[str, Any]] = []
         self.seconds = 0.0
         # per group: (tensor, axis, index [size, k]) of every slice whose tensor the module holds
@@ -265,7 +270,8 @@ class HessoPass(Pass):
             raise SlimcError(f"hesso's {cfg.periods} pruning periods do not fit in {total} training steps "
                              f"(start {cfg.start:g}, span {cfg.span:g}): train longer or lower hesso.periods")
         hesso = Hesso(module, cands, costs, dense - cfg.sparsity * cuttable, periods=cfg.periods, period_steps=period_steps,
-                      start_step=start, weights=cfg.weights, min_channels=cfg.min_channels, rank=cfg.rank)
+                      start_step=start, weights=cfg.weights, min_channels=cfg.min_channels, rank=cfg.rank,
+                      period_schedule=cfg.period_schedule)
         curve: list[dict[str, Any]] = []
         every = max(1, total // cfg.eval_points)
 

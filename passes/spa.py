@@ -247,8 +247,11 @@ class Spa(Pass):
         plan = allocate(cands, scores, costs, cfg)
         stats: dict[str, Any] = {}
         if cfg.reconstruct != "none" and plan:  # the sequential refit is the OBS update of every layer, in graph order
-            batches = _batches(data, cfg) if cfg.reconstruct == "data" else self._distilled(model, cfg)
-            stats["layers_refit"] = reconstruct(model, plan, consumers, graph, batches, cfg.percdamp)
+            if cfg.reconstruct == "data":
+                batches, call = _batches(data, cfg), _caller(model, data)
+            else:
+                batches, call = self._distilled(model, cfg), _caller(model)
+            stats["layers_refit"] = reconstruct(model, plan, consumers, graph, batches, cfg.percdamp, call)
         elif compensate and plan:
             stats["layers_compensated"] = self._compensate(model, plan, consumers, hessians, tensors, cfg)
         macs_before = graph_macs(graph)
@@ -256,6 +259,9 @@ class Spa(Pass):
         macs_after = graph_macs(model_graph(model)) if plan else macs_before
         after = data.evaluate(model.module) if data is not None and data.evaluate is not None and not model.is_onnx else {}
         tuned: dict[str, float] = {}
+        if (cfg.finetune_epochs or cfg.finetune_steps) and (data is None or data.loss is None):
+            raise SlimcError(f"spa fine-tuning needs data with a loss; --data {data.name if data else ''} has none "
+                             "(an encoder's text calibrates only)")
         if plan and (cfg.finetune_epochs or cfg.finetune_steps) and data is not None:
             Trainer(model.module, data.train, data.loss,
                     TrainConfig(epochs=cfg.finetune_epochs or None, steps=cfg.finetune_steps, lr=cfg.lr, optimizer=cfg.optimizer,
@@ -339,7 +345,7 @@ class Spa(Pass):
                 batches, kind = _synthetic_batches(model, cfg), "synthetic"
             from slimc.compiler.calibration.hessians import input_hessians
 
-            got = input_hessians(model.module, list(layers), batches, call=_caller(model))
+            got = input_hessians(model.module, list(layers), batches, call=_caller(model, data if kind == "calib" else None))
             for path, H in got.items():
                 name = layers[path]
                 if H.shape[0] == consumers[name].matrix(tensors[name]).shape[1]:
@@ -399,7 +405,9 @@ def _shapes(model: Model) -> dict[str, tuple[int, ...]]:
     return {n: tuple(p.shape) for n, p in model.module.named_parameters()}
 
 
-def _caller(model: Model):
+def _caller(model: Model, data: TrainingData | None = None):
+    if data is not None:
+        return data.call
     if model.is_causal_lm:
         return lambda m, b: m(**b, use_cache=False) if isinstance(b, dict) else m(input_ids=b[0], use_cache=False)
     return None
@@ -446,8 +454,9 @@ def _gradients(model: Model, data: TrainingData | None, cfg: SpaConfig) -> tuple
     """Per weight, the sum over small batches of |gradient| (for Taylor: sum_b |w g_b|, not |w sum_b g_b|: on a
     converged model the summed gradient is close to zero and its sign noise, while the per-batch terms say how much
     each weight moves the loss), and the mean squared per-batch gradient (diagonal empirical Fisher, for OBD)."""
-    if data is None:
-        raise SlimcError(f"spa criterion '{cfg.criterion}' needs data and a loss: give --data")
+    if data is None or data.loss is None:
+        raise SlimcError(f"spa criterion '{cfg.criterion}' needs data with a loss (labelled examples or a causal LM's "
+                         "text): give --data, or use a criterion without gradients (l2, obs)")
     module = model.module
     params = dict(module.named_parameters(remove_duplicate=False))
     grads = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
@@ -565,7 +574,7 @@ def _local(groups, scores, cost, target, floors, multiples) -> list[list[int]]:
 
 
 def reconstruct(model: Model, plan: dict[Group, list[int]], consumers: dict[str, Consumer], graph: Graph,
-                batches: list, percdamp: float) -> int:
+                batches: list, percdamp: float, call=None) -> int:
     """Zero the plan's channels, then refit every conv / linear layer in graph order so that, on `batches`
     through the pruned model, it reproduces the dense model's layer output (least squares, ridge
     percdamp * mean diag): W' = W C^T (H + lambda I)^-1 over the kept input columns (and the bias, where the
@@ -589,7 +598,7 @@ def reconstruct(model: Model, plan: dict[Group, list[int]], consumers: dict[str,
     position = {id(n): i for i, n in enumerate(graph.nodes)}
     params = dict(work.named_parameters())
     dense_params = dict(dense.named_parameters())
-    call = _caller(model)
+    call = call if call is not None else _caller(model)
     done = 0
     for name, c in sorted(consumers.items(), key=lambda kv: position[id(kv[1].node)]):
         bias_name = f"{c.module}.bias"

@@ -78,6 +78,10 @@ def input_hessians(module: nn.Module, layers: Iterable[str], batches: Iterable[A
     return {n: sums[n] / counts[n] for n in sums if n not in skipped and counts.get(n)}
 
 
+class _Captured(Exception):
+    """Raised by a capturing hook to end a forward pass once the layer's input is recorded."""
+
+
 def paired_input_moments(reference: nn.Module, model: nn.Module, layer: str, batches: Iterable[Any],
                          call: Callable[[nn.Module, Any], Any] | None = None, bias: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -94,6 +98,7 @@ def paired_input_moments(reference: nn.Module, model: nn.Module, layer: str, bat
         def hook(_mod, args, kwargs):
             x = args[0] if args else next(iter(kwargs.values()))
             seen[key] = _rows(mod, x.detach())
+            raise _Captured  # what follows the layer is not needed: stop the forward here
         return hook
 
     h1 = ref_layer.register_forward_pre_hook(grab("ref", ref_layer), with_kwargs=True)
@@ -107,12 +112,15 @@ def paired_input_moments(reference: nn.Module, model: nn.Module, layer: str, bat
         with torch.no_grad():
             for batch in batches:
                 for net in (reference, model):
-                    if call is not None:
-                        call(net, batch)
-                    elif isinstance(batch, Mapping):
-                        net(**batch)
-                    else:
-                        net(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                    try:
+                        if call is not None:
+                            call(net, batch)
+                        elif isinstance(batch, Mapping):
+                            net(**batch)
+                        else:
+                            net(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                    except _Captured:
+                        pass
                 x, xp = seen.get("ref"), seen.get("new")
                 if x is None or xp is None:
                     return None

@@ -68,6 +68,8 @@ def test_ramp_reaches_exactly_zero_and_is_linear():
     with pytest.raises(ValueError):
         ramp(T, T)
     assert period_targets(10.0, 4) == [2.5, 5.0, 7.5, 10.0]
+    # geometric: each period keeps the same fraction of what is left; 100 -> 1 over two periods keeps 10 after the first
+    assert period_targets(99.0, 2, dense=100.0, schedule="geometric") == pytest.approx([90.0, 99.0])
 
 
 def test_selection_is_global_deterministic_and_keeps_floors_and_multiples():

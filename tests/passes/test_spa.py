@@ -195,3 +195,29 @@ def test_spa_refuses_what_it_cannot_do(trained, tmp_path):
         api.compress(onnx_model, "obspa-calib-50", data="digits")
     with pytest.raises(Exception, match="needs gradients"):
         api.compress(load(str(tmp_path / "net.onnx")), "spa-taylor-50", data="digits")
+
+
+def test_obspa_calibrates_an_encoder_on_text(tmp_path):
+    """A BERT encoder with a tokenizer: --data pydoc gives calibration windows (no loss), the layers are refit on them."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from slimc import api
+
+    from tiny_tokenizer import save_tiny_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(save_tiny_tokenizer(tmp_path / "tok", 128)))
+    torch.manual_seed(0)
+    net = BertModel(BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                               max_position_embeddings=64), add_pooling_layer=False).eval()
+    ids = torch.randint(0, 128, (2, 12))
+    model = Model(module=net, config=net.config, tokenizer=tok, source_format="hf",
+                  example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    dense = net(input_ids=ids).last_hidden_state.detach().clone()
+    out = api.compress(model, "obspa-calib-50", data="pydoc", overrides=["spa.sparsity=0.3", "spa.samples=32", "spa.seq_len=16",
+                                                                          "spa.batch_size=8", "spa.roles=[attention.head, mlp.neuron]"])
+    st = out.history[-1].stats
+    assert st["macs_kept"] <= 0.7 + 1e-9 and st["layers_refit"] >= 4
+    got = out.module(input_ids=ids).last_hidden_state
+    assert got.shape == dense.shape and torch.isfinite(got).all()
+    with pytest.raises(Exception, match="needs data with a loss"):
+        api.compress(copy.deepcopy(model), "spa-taylor-50", data="pydoc", overrides=["spa.samples=8", "spa.seq_len=16"])
