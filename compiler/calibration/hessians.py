@@ -33,6 +33,17 @@ def _rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
+def _forward(module: nn.Module, batch: Any, call: Callable[[nn.Module, Any], Any] | None) -> None:
+    """Run `module` on one calibration batch: `call(module, batch)`, else `module(**batch)` for a dict and
+    `module(batch[0])` for a tuple or list."""
+    if call is not None:
+        call(module, batch)
+    elif isinstance(batch, Mapping):
+        module(**batch)
+    else:
+        module(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
+
 def input_hessians(module: nn.Module, layers: Iterable[str], batches: Iterable[Any],
                    call: Callable[[nn.Module, Any], Any] | None = None) -> dict[str, torch.Tensor]:
     """{layer path: H} for the named sub-modules of `module` over `batches` (each passed to `call(module, batch)`,
@@ -65,12 +76,7 @@ def input_hessians(module: nn.Module, layers: Iterable[str], batches: Iterable[A
     try:
         with torch.no_grad():
             for batch in batches:
-                if call is not None:
-                    call(module, batch)
-                elif isinstance(batch, Mapping):
-                    module(**batch)
-                else:
-                    module(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                _forward(module, batch, call)
     finally:
         for h in handles:
             h.remove()
@@ -113,12 +119,7 @@ def paired_input_moments(reference: nn.Module, model: nn.Module, layer: str, bat
             for batch in batches:
                 for net in (reference, model):
                     try:
-                        if call is not None:
-                            call(net, batch)
-                        elif isinstance(batch, Mapping):
-                            net(**batch)
-                        else:
-                            net(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                        _forward(net, batch, call)
                     except _Captured:
                         pass
                 x, xp = seen.get("ref"), seen.get("new")
