@@ -51,6 +51,7 @@ from slimc.compiler.pipeline.passes import Pass, PassConfig, PassContext, PassRe
 from slimc.compiler.surgery import apply_plan
 from slimc.compiler.training import TrainConfig, Trainer
 from slimc.compiler.training.sources import TrainingData, open_training_data
+from slimc.compiler.training.trainer import collate
 from slimc.errors import SlimcError
 from slimc.passes._budget_math import select_channels
 from slimc.passes._obspa_datafree import input_moments
@@ -420,8 +421,7 @@ def _batches(data: TrainingData, cfg: SpaConfig) -> list[tuple]:
     order = torch.randperm(len(ds), generator=g)[:n]
     out = []
     for idx in order.split(cfg.batch_size):
-        items = [ds[int(i)] for i in idx]
-        out.append(tuple(torch.stack([it[k] for it in items]) for k in range(len(items[0]))))
+        out.append(collate([ds[int(i)] for i in idx]))
     return out
 
 

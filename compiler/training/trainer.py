@@ -100,6 +100,11 @@ def accuracy_on(dataset: Dataset, batch_size: int = 512) -> Callable[[nn.Module]
     return evaluate
 
 
+def collate(items: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """Examples of a map-style dataset (tuples of tensors) stacked into one batch tuple."""
+    return tuple(torch.stack([item[k] for item in items]) for k in range(len(items[0])))
+
+
 class Trainer:
     def __init__(self, model: nn.Module, data: Dataset | DataLoader, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
                  config: TrainConfig, *, evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
@@ -159,8 +164,7 @@ class Trainer:
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.data), generator=g)
         for idx in order.split(self.config.batch_size):
-            items = [self.data[int(i)] for i in idx]
-            yield tuple(torch.stack([item[k] for item in items]) for k in range(len(items[0])))
+            yield collate([self.data[int(i)] for i in idx])
 
     # ------------------------------------------------------------ checkpoints
 
